@@ -1,0 +1,103 @@
+"""Input validation shared by the functions and the layers.
+
+Every check runs before anything is written, so a bad call leaves the
+caller's arrays and the running statistics as they were.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._dispatch import is_device_array
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def dtype_of(a) -> np.dtype:
+    try:
+        return np.dtype(a.dtype)
+    except TypeError:  # a framework dtype such as torch.float32
+        return np.dtype(str(a.dtype).rsplit(".", 1)[-1])
+
+
+def array(a, name: str):
+    """``a`` if it is a NumPy or device array of a floating dtype."""
+    if not (isinstance(a, np.ndarray) or is_device_array(a)):
+        raise TypeError(f"{name} must be a NumPy array or a CUDA device array, "
+                        f"not {type(a).__name__}")
+    if dtype_of(a) not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, float32 or float64, not {dtype_of(a)}")
+    return a
+
+
+def input_array(x, name: str = "x"):
+    array(x, name)
+    if len(x.shape) < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (N, C, ...), "
+                         f"got shape {tuple(x.shape)}")
+    return x
+
+
+def channel_axis(axis, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an integer, not {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an input with {ndim} dimensions")
+    return int(axis) % ndim
+
+
+def vector(v, c: int, name: str, *, writable: bool = False):
+    """``v`` if None or a 1-D floating array of length ``c``."""
+    if v is None:
+        return None
+    array(v, name)
+    if tuple(v.shape) != (c,):
+        raise ValueError(f"{name} must have shape ({c},) to match the {c} channels, "
+                         f"got {tuple(v.shape)}")
+    if writable and isinstance(v, np.ndarray) and not v.flags.writeable:
+        raise ValueError(f"{name} is read-only but is updated in place")
+    return v
+
+
+def training_count(shape, axis: int) -> int:
+    """Values per channel in a training batch; refuses fewer than two."""
+    c = shape[axis]
+    n = int(np.prod(shape, dtype=np.int64)) // c if c else 0
+    if n == 0:
+        raise ValueError(f"cannot train on an empty batch (input shape {tuple(shape)})")
+    if n == 1:
+        raise ValueError("Expected more than 1 value per channel when training, "
+                         f"got input size {tuple(shape)}")
+    return n
+
+
+def same_shape(a, x, name: str):
+    array(a, name)
+    if tuple(a.shape) != tuple(x.shape):
+        raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, "
+                         f"got {tuple(a.shape)}")
+    return a
+
+
+def output(out, x):
+    """``out`` if it can receive ``y``: x's shape and dtype, writable, and
+    either x itself or not overlapping it."""
+    if out is None:
+        return None
+    same_shape(out, x, "out")
+    if dtype_of(out) != dtype_of(x):
+        raise TypeError(f"out must have x's dtype {dtype_of(x)}, got {dtype_of(out)}")
+    if isinstance(out, np.ndarray):
+        if not out.flags.writeable:
+            raise ValueError("out is read-only")
+        same_view = (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+                     and out.strides == x.strides)
+        if not same_view and np.may_share_memory(out, x):
+            raise ValueError("out overlaps x without being x itself")
+    return out
+
+
+def activation(name):
+    if name not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', not {name!r}")
+    return name == "relu"

@@ -1,0 +1,102 @@
+"""The canonical ``(outer, C, inner)`` view every kernel works on.
+
+The statistics are taken over every axis but the channel axis, so the order of
+the other axes does not matter. A :class:`Plan` sorts them by stride, merges
+neighbours that are one strided run in memory, and puts the runs with larger
+strides than the channel's before it ("outer") and the rest after it
+("inner"). NCHW becomes ``(N, C, H*W)``, NHWC ``(N*H*W, C, 1)``, an
+F-ordered NCHW array ``(W*H, C, N)``: views, never copies.
+
+An array whose non-channel axes do not reduce to two strided runs (a crop in
+two spatial axes of an NCHW tensor, for example) has no such view. It is then
+copied once into a dense buffer in the plan's axis order (``Plan.dense``);
+outputs are always allocated in that order, so they keep the input's memory
+layout (channels-last in, channels-last out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+
+def _runs(axes, shape, strides):
+    """Group ``axes`` (sorted by decreasing |stride|) into mergeable runs."""
+    runs: list[list[int]] = []
+    for a in axes:
+        if runs and strides[runs[-1][-1]] == strides[a] * shape[a]:
+            runs[-1].append(a)
+        else:
+            runs.append([a])
+    return runs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How an array of ``shape`` maps to ``(outer, C, inner)``."""
+
+    shape: tuple
+    axis: int
+    outer_axes: tuple
+    inner_axes: tuple
+
+    @classmethod
+    def of(cls, x: np.ndarray, axis: int) -> "Plan":
+        shape, strides = x.shape, x.strides
+        others = [a for a in range(x.ndim) if a != axis and shape[a] != 1]
+        others.sort(key=lambda a: -abs(strides[a]))
+        runs = _runs(others, shape, strides)
+        channel_stride = abs(strides[axis]) if shape[axis] > 1 else 0
+        if len(runs) > 2:
+            # No two-run view exists: keep the memory order, outer then inner.
+            outer = [a for a in others if abs(strides[a]) > channel_stride]
+            inner = [a for a in others if abs(strides[a]) <= channel_stride]
+            return cls(shape, axis, tuple(outer), tuple(inner))
+        if len(runs) == 2:
+            return cls(shape, axis, tuple(runs[0]), tuple(runs[1]))
+        if len(runs) == 1 and abs(strides[runs[0][-1]]) > channel_stride:
+            return cls(shape, axis, tuple(runs[0]), ())
+        return cls(shape, axis, (), tuple(runs[0]) if runs else ())
+
+    @property
+    def order(self) -> tuple:
+        """Axes of the array in the plan's order (size-1 axes first)."""
+        used = set(self.outer_axes) | set(self.inner_axes) | {self.axis}
+        rest = tuple(a for a in range(len(self.shape)) if a not in used)
+        return rest + self.outer_axes + (self.axis,) + self.inner_axes
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        outer = int(np.prod([self.shape[a] for a in self.outer_axes], dtype=np.int64))
+        inner = int(np.prod([self.shape[a] for a in self.inner_axes], dtype=np.int64))
+        return outer, self.shape[self.axis], inner
+
+    def view(self, a: np.ndarray) -> np.ndarray | None:
+        """``a`` as ``(outer, C, inner)`` without a copy, or None if impossible."""
+        outer, c, inner = self.dims
+        strides = []
+        for group in (self.outer_axes, self.inner_axes):
+            if any(a.strides[p] != a.strides[q] * a.shape[q] for p, q in zip(group, group[1:])):
+                return None
+            strides.append(a.strides[group[-1]] if group else a.itemsize)
+        return as_strided(a, (outer, c, inner), (strides[0], a.strides[self.axis], strides[1]),
+                          writeable=a.flags.writeable)
+
+    def empty(self, dtype) -> tuple[np.ndarray, np.ndarray]:
+        """A new array of ``shape`` laid out in the plan's order, and its view."""
+        order = self.order
+        buf = np.empty([self.shape[a] for a in order], dtype=dtype)
+        full = buf.transpose(np.argsort(order))
+        outer, c, inner = self.dims
+        return full, buf.reshape(outer, c, inner)
+
+    def dense(self, a: np.ndarray, dtype=None) -> np.ndarray:
+        """``(outer, C, inner)`` of ``a``: a view when one exists, else a copy."""
+        v = self.view(a)
+        if v is not None and (dtype is None or v.dtype == dtype):
+            return v
+        full, v = self.empty(a.dtype if dtype is None else dtype)
+        full[...] = a
+        return v

@@ -1,0 +1,86 @@
+"""The pure-NumPy float64 reference: the ``"numpy"`` backend and the oracle.
+
+Written for clarity, not speed, and independent of the kernels' canonical
+view: it moves the channel axis last and reduces over everything else. Every
+result is float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _channels_last(a: np.ndarray, axis: int) -> np.ndarray:
+    """``a`` as float64 with the channel axis moved last and the rest flattened."""
+    moved = np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def _from_channels_last(flat: np.ndarray, like: np.ndarray, axis: int) -> np.ndarray:
+    moved_shape = np.moveaxis(np.empty(like.shape, dtype=np.bool_), axis, -1).shape
+    return np.moveaxis(flat.reshape(moved_shape), -1, axis)
+
+
+def _vector(v, c: int, fill: float) -> np.ndarray:
+    return np.full(c, fill) if v is None else np.asarray(v, dtype=np.float64)
+
+
+def batch_stats(x: np.ndarray, axis: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-channel mean, biased variance and count, by the two-pass formula."""
+    flat = _channels_last(x, axis)
+    mean = flat.mean(axis=0)
+    var = ((flat - mean) ** 2).mean(axis=0)
+    return mean, var, flat.shape[0]
+
+
+def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, activation=None):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, float64."""
+    flat = _channels_last(x, axis)
+    c = flat.shape[1]
+    y = (flat - mean) / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+    y = y * _vector(weight, c, 1.0) + _vector(bias, c, 0.0)
+    if activation == "relu":
+        y = np.maximum(y, 0.0)
+    return _from_channels_last(y, x, axis)
+
+
+def forward_train(x, weight=None, bias=None, eps=1e-5, axis=1, activation=None):
+    """Training forward: ``(y, mean, invstd, var_biased, count)``, all float64."""
+    mean, var, count = batch_stats(x, axis)
+    y = normalize(x, mean, var, weight, bias, eps, axis, activation)
+    return y, mean, 1.0 / np.sqrt(var + eps), var, count
+
+
+def backward(dy, x, mean, invstd, weight=None, training=True, axis=1,
+             bias=None, activation=None):
+    """Gradients of ``sum(dy * y)``: ``(dx, dweight, dbias)``, float64.
+
+    ``training=True`` differentiates through the batch statistics;
+    ``training=False`` treats ``mean`` and ``invstd`` as constants.
+    """
+    g = _channels_last(dy, axis)
+    flat = _channels_last(x, axis)
+    c = flat.shape[1]
+    w = _vector(weight, c, 1.0)
+    mean = np.asarray(mean, dtype=np.float64)
+    invstd = np.asarray(invstd, dtype=np.float64)
+    xhat = (flat - mean) * invstd
+    if activation == "relu":
+        # The mask of max(z, 0) at z == 0 takes the zero branch, as torch's relu does.
+        g = np.where(xhat * w + _vector(bias, c, 0.0) > 0.0, g, 0.0)
+    dbias = g.sum(axis=0)
+    dweight = (g * xhat).sum(axis=0)
+    if training:
+        n = flat.shape[0]
+        dx = w * invstd * (g - dbias / n - xhat * dweight / n)
+    else:
+        dx = g * w * invstd
+    dx = _from_channels_last(dx, x, axis)
+    if weight is None:
+        return dx, None, None
+    return dx, dweight, dbias
+
+
+def update_running(running: np.ndarray, batch: np.ndarray, factor: float) -> np.ndarray:
+    """``(1 - factor) * running + factor * batch`` in float64 (torch's form)."""
+    return (1.0 - factor) * np.asarray(running, dtype=np.float64) + factor * batch

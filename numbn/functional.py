@@ -1,0 +1,344 @@
+"""The public, stateless BatchNorm functions.
+
+Each function validates everything first, then runs one of three backends:
+``"numpy"`` (the float64 reference), ``"cpu"`` (Numba kernels) or ``"cuda"``
+(Numba CUDA kernels). The kernel backends share the per-channel coefficient
+arithmetic here; the kernels only make the passes over memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _checks, _reference
+from ._dispatch import resolve
+from ._layout import Plan
+
+
+class _Host:
+    """Array handling of the ``"cpu"`` backend: NumPy arrays, Numba kernels."""
+
+    @staticmethod
+    def kernels():
+        from . import _cpu
+
+        return _cpu
+
+    @staticmethod
+    def canonical(a, plan: Plan):
+        return plan.dense(a)
+
+    @staticmethod
+    def output(plan: Plan, dtype, out=None):
+        """``(full, view3)`` to write into; ``full`` is ``out`` when it has a view."""
+        if out is not None:
+            v = plan.view(out)
+            if v is not None:
+                return out, v
+        return plan.empty(dtype)
+
+    @staticmethod
+    def finish(full, out):
+        if out is not None and full is not out:
+            out[...] = full
+            return out
+        return full
+
+    @staticmethod
+    def host(v):
+        return None if v is None else np.asarray(v, dtype=np.float64)
+
+    @staticmethod
+    def like(values: np.ndarray, dtype, ref):
+        return values.astype(dtype)
+
+
+def _engine(name: str):
+    if name == "cuda":
+        from . import _cuda
+
+        return _cuda.Device
+    return _Host
+
+
+def _ones(v, c):
+    return np.ones(c) if v is None else v
+
+
+def _zeros(v, c):
+    return np.zeros(c) if v is None else v
+
+
+def _stats_dtype(x) -> np.dtype:
+    return np.dtype(np.float64) if _checks.dtype_of(x) == np.float64 else np.dtype(np.float32)
+
+
+def _train(x, weight, bias, eps, axis, backend, out, relu):
+    """Training forward of a validated call: ``(y, mean, var_biased, count)``."""
+    name = resolve(backend, x)
+    c = x.shape[axis]
+    if name == "numpy":
+        y, mean, _, var, count = _reference.forward_train(
+            x, weight, bias, eps, axis, "relu" if relu else None)
+        return _fill(y, x, out), mean, var, count
+    eng = _engine(name)
+    plan = Plan.of(x, axis)
+    x3 = eng.canonical(x, plan)
+    mean, var = eng.kernels().stats(x3)
+    scale = _ones(eng.host(weight), c) / np.sqrt(var + eps)
+    full, y3 = eng.output(plan, _checks.dtype_of(x), out)
+    eng.kernels().normalize(x3, mean, scale, _zeros(eng.host(bias), c), relu, y3)
+    return eng.finish(full, out), mean, var, x3.shape[0] * x3.shape[2]
+
+
+def _infer(x, mean, var, weight, bias, eps, axis, backend, out, relu):
+    """Inference forward of a validated call, with ``mean`` and ``var`` given."""
+    name = resolve(backend, x)
+    if name == "numpy":
+        y = _reference.normalize(x, _Host.host(mean), _Host.host(var), weight, bias, eps,
+                                 axis, "relu" if relu else None)
+        return _fill(y, x, out)
+    eng = _engine(name)
+    c = x.shape[axis]
+    plan = Plan.of(x, axis)
+    x3 = eng.canonical(x, plan)
+    scale = _ones(eng.host(weight), c) / np.sqrt(eng.host(var) + eps)
+    full, y3 = eng.output(plan, _checks.dtype_of(x), out)
+    eng.kernels().normalize(x3, eng.host(mean), scale, _zeros(eng.host(bias), c), relu, y3)
+    return eng.finish(full, out)
+
+
+def _fill(y64: np.ndarray, x, out):
+    if out is None:
+        return y64.astype(x.dtype)
+    out[...] = y64
+    return out
+
+
+def _check_forward(x, weight, bias, axis, out, activation):
+    _checks.input_array(x)
+    axis = _checks.channel_axis(axis, len(x.shape))
+    c = x.shape[axis]
+    _checks.vector(weight, c, "weight")
+    _checks.vector(bias, c, "bias")
+    _checks.output(out, x)
+    return axis, _checks.activation(activation)
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+               axis: int = 1, backend: str = "auto", out=None, activation=None):
+    """Batch Normalization with the meaning of ``torch.nn.functional.batch_norm``.
+
+    Parameters
+    ----------
+    x : array, ndim >= 2
+        Input; ``axis`` is its channel axis. float16, float32 or float64.
+    running_mean, running_var : array of shape (C,), optional
+        Running statistics. Required when ``training=False``; updated in place
+        by a training call, ``r = (1 - momentum) * r + momentum * batch``, with
+        the unbiased batch variance for ``running_var``.
+    weight, bias : array of shape (C,), optional
+        Affine parameters (ones and zeros when None).
+    training : bool
+        Normalise with the batch statistics (True) or the running ones.
+    momentum : float
+        Weight of the new batch in the running-statistics update.
+    eps : float
+        Added to the variance before the square root.
+    axis : int
+        The channel axis (negative counts from the end).
+    backend : {"auto", "cpu", "cuda", "numpy"}
+    out : array, optional
+        Receives ``y``; may be ``x`` itself.
+    activation : {None, "relu"}
+        Apply ReLU to the result in the same pass.
+
+    Returns
+    -------
+    y : array of x's shape, dtype and kind.
+
+    Raises
+    ------
+    TypeError
+        Non-floating dtypes or unsupported array types.
+    ValueError
+        Wrong shapes, an axis out of range, fewer than two values per channel
+        in training, eval mode without running statistics.
+    BackendUnavailableError
+        When the backend asked for cannot run here.
+
+    Examples
+    --------
+    >>> import numpy as np, numbn
+    >>> x = np.arange(12, dtype=np.float32).reshape(3, 2, 2)
+    >>> rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    >>> y = numbn.batch_norm(x, rm, rv, training=True)
+    >>> np.round(y[:, 0].ravel(), 3)
+    array([-1.336, -1.069,  0.   ,  0.267,  1.336,  1.069], dtype=float32)
+    >>> rm
+    array([0.55, 0.75], dtype=float32)
+    """
+    axis, relu = _check_forward(x, weight, bias, axis, out, activation)
+    c = x.shape[axis]
+    _checks.vector(running_mean, c, "running_mean", writable=training)
+    _checks.vector(running_var, c, "running_var", writable=training)
+    if training:
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("give both running_mean and running_var, or neither")
+        _checks.training_count(x.shape, axis)
+        momentum = float(momentum)
+        y, mean, var, n = _train(x, weight, bias, eps, axis, backend, out, relu)
+        if running_mean is not None:
+            update_running(running_mean, running_var, mean, var, n, momentum, unbiased=True)
+        return y
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    return _infer(x, running_mean, running_var, weight, bias, eps, axis, backend, out, relu)
+
+
+def update_running(running_mean, running_var, mean, var, count, factor, *, unbiased):
+    """``r = (1 - factor) * r + factor * batch`` in place, for mean and variance."""
+    var = var * (count / (count - 1)) if unbiased else var
+    for r, batch in ((running_mean, mean), (running_var, var)):
+        new = _reference.update_running(_Host.host(r), np.asarray(batch, np.float64), factor)
+        if isinstance(r, np.ndarray):
+            r[...] = new
+        else:
+            _engine("cuda").assign(r, new)
+
+
+def batch_norm_forward(x, weight=None, bias=None, *, eps: float = 1e-5, axis: int = 1,
+                       backend: str = "auto", out=None, activation=None):
+    """Training-mode forward that also returns what the backward needs.
+
+    Parameters
+    ----------
+    x, weight, bias, eps, axis, backend, out, activation
+        As in :func:`batch_norm`.
+
+    Returns
+    -------
+    y : array of x's shape and dtype.
+    mean : ndarray (C,)
+        Batch mean (float64 for float64 input, float32 otherwise).
+    invstd : ndarray (C,)
+        ``1 / sqrt(var_biased + eps)``, same dtype as ``mean``.
+
+    Raises
+    ------
+    TypeError, ValueError, BackendUnavailableError
+        As in :func:`batch_norm`.
+
+    Examples
+    --------
+    >>> import numpy as np, numbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> y, mean, invstd = numbn.batch_norm_forward(x, eps=0.0)
+    >>> y
+    array([[-1., -1.],
+           [ 1.,  1.]])
+    >>> mean
+    array([ 2., 20.])
+    """
+    axis, relu = _check_forward(x, weight, bias, axis, out, activation)
+    _checks.training_count(x.shape, axis)
+    y, mean, var, _ = _train(x, weight, bias, eps, axis, backend, out, relu)
+    dt = _stats_dtype(x)
+    invstd = 1.0 / np.sqrt(var + eps)
+    eng = _engine(resolve(backend, x))
+    return y, eng.like(mean, dt, x), eng.like(invstd, dt, x)
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training: bool = True,
+                        axis: int = 1, backend: str = "auto", activation=None):
+    """Gradients of ``sum(dy * y)`` with respect to ``x``, ``weight`` and ``bias``.
+
+    Parameters
+    ----------
+    dy : array of x's shape
+        Gradient of the loss with respect to ``y``.
+    x : array
+        The forward's input.
+    mean, invstd : array (C,)
+        From :func:`batch_norm_forward` (``training=True``), or the running
+        mean and ``1 / sqrt(running_var + eps)`` (``training=False``: the
+        backward of the inference form, statistics held constant).
+    weight : array (C,), optional
+    bias : array (C,), optional
+        Needed only with ``activation="relu"``, to recompute the ReLU mask.
+    training : bool
+    axis, backend, activation
+        As in :func:`batch_norm`.
+
+    Returns
+    -------
+    dx : array of x's shape and dtype.
+    dweight, dbias : arrays (C,) of weight's dtype, or None when ``weight`` is None.
+
+    Raises
+    ------
+    TypeError, ValueError, BackendUnavailableError
+        As in :func:`batch_norm`.
+
+    Examples
+    --------
+    >>> import numpy as np, numbn
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, mean, invstd = numbn.batch_norm_forward(x, eps=0.0)
+    >>> dx, dw, db = numbn.batch_norm_backward(np.array([[1.0], [0.0]]), x, mean, invstd,
+    ...                                        np.ones(1))
+    >>> dx.ravel(), dw, db
+    (array([0., 0.]), array([-1.]), array([1.]))
+    """
+    _checks.input_array(x)
+    axis = _checks.channel_axis(axis, len(x.shape))
+    c = x.shape[axis]
+    _checks.same_shape(dy, x, "dy")
+    for v, nm in ((mean, "mean"), (invstd, "invstd")):
+        if v is None:
+            raise ValueError(f"{nm} is required")
+        _checks.vector(v, c, nm)
+    _checks.vector(weight, c, "weight")
+    _checks.vector(bias, c, "bias")
+    relu = _checks.activation(activation)
+    if training:
+        _checks.training_count(x.shape, axis)
+    name = resolve(backend, x)
+    if name == "numpy":
+        dx, dw, db = _reference.backward(dy, x, _Host.host(mean), _Host.host(invstd), weight,
+                                         training, axis, bias, activation)
+        dx = dx.astype(x.dtype)
+        eng = _Host
+    else:
+        eng = _engine(name)
+        dx, dw, db = _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, relu)
+    if weight is None:
+        return dx, None, None
+    wdt = _checks.dtype_of(weight)
+    return dx, eng.like(dw, wdt, weight), eng.like(db, wdt, weight)
+
+
+def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, relu):
+    c = x.shape[axis]
+    plan = Plan.of(x, axis)
+    x3 = eng.canonical(x, plan)
+    dy3 = eng.canonical(dy, plan)
+    m, inv = eng.host(mean), eng.host(invstd)
+    w = _ones(eng.host(weight), c)
+    a = w * inv
+    t = _zeros(eng.host(bias), c)
+    kern = eng.kernels()
+    if training or weight is not None or relu:
+        sum_g, sum_gx = kern.backward_sums(dy3, x3, m, a, t, relu)
+    else:
+        sum_g = sum_gx = np.zeros(c)
+    if training:
+        n = x3.shape[0] * x3.shape[2]
+        b = -a * inv * inv * sum_gx / n
+        d = -a * sum_g / n
+    else:
+        b = d = np.zeros(c)
+    full, dx3 = eng.output(plan, _checks.dtype_of(x))
+    kern.backward_apply(dy3, x3, m, a, t, relu, b, d, dx3)
+    return full, sum_gx * inv, sum_g

@@ -1,0 +1,298 @@
+"""The stateful ``BatchNorm`` layer and the framework conventions it reproduces."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _checks
+from .functional import (_check_forward, _engine, _infer, _stats_dtype, _train,
+                         batch_norm_backward, update_running)
+from ._dispatch import resolve
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How one framework's BatchNorm keeps its running statistics.
+
+    ``momentum_is_new`` is True when ``momentum`` weighs the new batch
+    (PyTorch), False when it weighs the old value (Keras, Paddle, Flax).
+    """
+
+    name: str
+    momentum: float
+    eps: float
+    axis: int
+    momentum_is_new: bool
+    unbiased_running_var: bool
+
+
+CONVENTIONS = {
+    "torch": Convention("torch", 0.1, 1e-5, 1, True, True),
+    "keras": Convention("keras", 0.99, 1e-3, -1, False, False),
+    "paddle": Convention("paddle", 0.9, 1e-5, 1, False, False),
+    "flax": Convention("flax", 0.99, 1e-5, -1, False, False),
+}
+
+_DEFAULT = object()
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class BatchNorm:
+    """Batch Normalization layer with a framework's conventions.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    convention : {"torch", "keras", "paddle", "flax"}
+        Whose defaults and momentum meaning to reproduce (see ``CONVENTIONS``).
+    momentum : float or None, optional
+        The convention's default when omitted. ``None`` (torch only) gives a
+        cumulative average, factor ``1 / num_batches_tracked``.
+    eps : float, optional
+    axis : int, optional
+        Channel axis (1 for torch and paddle, -1 for keras and flax).
+    affine : bool
+        Learnable ``weight`` (ones) and ``bias`` (zeros); None when False.
+    track_running_stats : bool
+        Keep running statistics; when False, batch statistics are used in eval
+        mode too, as in PyTorch.
+    dtype : numpy dtype
+        Of the parameters and running statistics (float32 by default).
+    backend : {"auto", "cpu", "cuda", "numpy"}
+    activation : {None, "relu"}
+        Fuse a ReLU after the normalisation.
+
+    Raises
+    ------
+    ValueError
+        Unknown convention, ``num_features < 1``, ``momentum=None`` outside
+        the torch convention.
+
+    Examples
+    --------
+    >>> import numpy as np, numbn
+    >>> bn = numbn.BatchNorm(3)
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    >>> y = bn(x)
+    >>> dx = bn.backward(np.ones_like(y))
+    >>> bn.num_batches_tracked, y.shape, bn.grad_bias
+    (1, (8, 3, 4, 4), array([128., 128., 128.], dtype=float32))
+    """
+
+    def __init__(self, num_features: int, *, convention: str = "torch", momentum=_DEFAULT,
+                 eps=_DEFAULT, axis=_DEFAULT, affine: bool = True,
+                 track_running_stats: bool = True, dtype=np.float32, backend: str = "auto",
+                 activation=None):
+        if convention not in CONVENTIONS:
+            raise ValueError(f"unknown convention {convention!r}; choose one of "
+                             f"{', '.join(CONVENTIONS)}")
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
+                or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        conv = CONVENTIONS[convention]
+        self.convention = conv
+        self.num_features = int(num_features)
+        self.momentum = conv.momentum if momentum is _DEFAULT else momentum
+        if self.momentum is None and not conv.momentum_is_new:
+            raise ValueError(f"momentum=None (cumulative average) is a torch convention; "
+                             f"{convention} needs a number")
+        self.eps = conv.eps if eps is _DEFAULT else float(eps)
+        self.axis = conv.axis if axis is _DEFAULT else axis
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, float32 or float64, not {self.dtype}")
+        self.backend = backend
+        _checks.activation(activation)
+        self.activation = activation
+        self.training = True
+        self.weight = self.bias = None
+        self.running_mean = self.running_var = None
+        self.num_batches_tracked = 0 if track_running_stats else None
+        self.grad_weight = self.grad_bias = None
+        self._saved = None
+        self.reset_parameters()
+
+    # -- modes and state ---------------------------------------------------
+
+    def train(self, mode: bool = True) -> "BatchNorm":
+        """Training mode (batch statistics, running statistics updated)."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "BatchNorm":
+        """Inference mode (running statistics, nothing updated)."""
+        return self.train(False)
+
+    def reset_running_stats(self) -> None:
+        """Running mean zeros, running variance ones, ``num_batches_tracked`` 0."""
+        if self.track_running_stats:
+            self.running_mean = np.zeros(self.num_features, self.dtype)
+            self.running_var = np.ones(self.num_features, self.dtype)
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """Running statistics reset, ``weight`` ones, ``bias`` zeros."""
+        self.reset_running_stats()
+        if self.affine:
+            self.weight = np.ones(self.num_features, self.dtype)
+            self.bias = np.zeros(self.num_features, self.dtype)
+
+    def _factor(self) -> float:
+        """Weight of the new batch in this step's running-statistics update."""
+        if self.momentum is None:
+            return 1.0 / self.num_batches_tracked
+        m = float(self.momentum)
+        return m if self.convention.momentum_is_new else 1.0 - m
+
+    # -- forward and backward -----------------------------------------------
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        """Normalise ``x``; in training mode, update the running statistics.
+
+        Parameters
+        ----------
+        x : array with ``num_features`` channels along ``self.axis``
+
+        Returns
+        -------
+        y : array of x's shape, dtype and kind.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As in :func:`numbn.batch_norm`; nothing is changed then.
+        """
+        axis, relu = _check_forward(x, self.weight, self.bias, self.axis, None,
+                                    self.activation)
+        if x.shape[axis] != self.num_features:
+            raise ValueError(f"expected {self.num_features} channels on axis {self.axis}, "
+                             f"got input of shape {tuple(x.shape)}")
+        use_batch = self.training or not self.track_running_stats
+        if not use_batch:
+            y = _infer(x, self.running_mean, self.running_var, self.weight, self.bias,
+                       self.eps, axis, self.backend, None, relu)
+            mean, invstd = self.running_mean, 1.0 / np.sqrt(
+                np.asarray(self.running_var, np.float64) + self.eps)
+            self._saved = (x, np.asarray(mean, np.float64), invstd, False, axis)
+            return y
+        n = _checks.training_count(x.shape, axis)
+        y, mean, var, _ = _train(x, self.weight, self.bias, self.eps, axis, self.backend,
+                                 None, relu)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1
+            update_running(self.running_mean, self.running_var, mean, var, n, self._factor(),
+                           unbiased=self.convention.unbiased_running_var)
+        self._saved = (x, mean, 1.0 / np.sqrt(var + self.eps), True, axis)
+        return y
+
+    def backward(self, dy):
+        """Gradient with respect to the last forward's input.
+
+        After a training forward this is the full BatchNorm backward; after an
+        eval-mode forward it is the backward of the inference form (frozen
+        statistics). Sets ``grad_weight`` and ``grad_bias`` (None without
+        ``affine``).
+
+        Raises
+        ------
+        RuntimeError
+            When no forward came before.
+        """
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() first")
+        x, mean, invstd, training, axis = self._saved
+        dt = _stats_dtype(x)
+        eng = _engine(resolve(self.backend, x))
+        dx, dw, db = batch_norm_backward(dy, x, eng.like(mean, dt, x), eng.like(invstd, dt, x),
+                                         self.weight, bias=self.bias, training=training,
+                                         axis=axis, backend=self.backend,
+                                         activation=self.activation)
+        self.grad_weight, self.grad_bias = dw, db
+        return dx
+
+    # -- state dict and files ----------------------------------------------
+
+    def _expected_state(self) -> dict:
+        shapes = {}
+        if self.affine:
+            shapes["weight"] = shapes["bias"] = (self.num_features,)
+        if self.track_running_stats:
+            shapes["running_mean"] = shapes["running_var"] = (self.num_features,)
+            shapes["num_batches_tracked"] = ()
+        return shapes
+
+    def state_dict(self) -> dict:
+        """Copies of the parameters and buffers under PyTorch's keys, as NumPy arrays."""
+        state = {}
+        for key in self._expected_state():
+            value = getattr(self, key)
+            if key == "num_batches_tracked":
+                state[key] = np.array(value, dtype=np.int64)
+            else:
+                state[key] = np.array(_engine_host(value), dtype=self.dtype)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state (PyTorch's keys); every entry is checked before any change.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys, wrong shapes, wrong dtypes; the layer
+            is left untouched.
+        """
+        expected = self._expected_state()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"state does not match the layer: missing {missing}, "
+                             f"unexpected {unexpected}")
+        staged = {}
+        for key, shape in expected.items():
+            value = np.asarray(state[key])
+            if value.shape != shape and not (key == "num_batches_tracked" and value.size == 1):
+                raise ValueError(f"{key} must have shape {shape}, got {value.shape}")
+            if key == "num_batches_tracked":
+                if value.dtype.kind not in "iu":
+                    raise ValueError(f"num_batches_tracked must be an integer, got {value.dtype}")
+                staged[key] = int(value.reshape(()))
+            elif value.dtype.kind != "f":
+                raise ValueError(f"{key} must be a floating array, got {value.dtype}")
+            else:
+                staged[key] = value.astype(self.dtype)
+        for key, value in staged.items():
+            if key != "num_batches_tracked" and getattr(self, key) is not None \
+                    and not isinstance(getattr(self, key), np.ndarray):
+                value = _engine("cuda").to_device_like(value, getattr(self, key))
+            setattr(self, key, value)
+
+    def save(self, path) -> None:
+        """Write ``state_dict()`` to an ``.npz`` file (no pickle)."""
+        np.savez(path, **self.state_dict())
+
+    def load(self, path) -> None:
+        """Read a file written by :meth:`save` (or any ``.npz`` of a state dict)."""
+        with np.load(os.fspath(path), allow_pickle=False) as f:
+            self.load_state_dict({k: f[k] for k in f.files})
+
+    def __repr__(self) -> str:
+        return (f"BatchNorm({self.num_features}, convention={self.convention.name!r}, "
+                f"momentum={self.momentum}, eps={self.eps}, axis={self.axis}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+                + (f", activation={self.activation!r}" if self.activation else "") + ")")
+
+
+def _engine_host(value):
+    """A parameter as a NumPy array, wherever it lives."""
+    if isinstance(value, np.ndarray) or value is None:
+        return value
+    return _engine("cuda").host(value)
