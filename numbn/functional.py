@@ -16,7 +16,20 @@ from ._layout import Plan
 
 
 class _Host:
-    """Array handling of the ``"cpu"`` backend: NumPy arrays, Numba kernels."""
+    """Array handling of the ``"cpu"`` backend: NumPy arrays, Numba kernels.
+
+    A kernel backend is this interface: ``adopt`` turns a caller's array into
+    the backend's own kind, ``canonical`` gives its ``(outer, C, inner)``
+    view, ``output`` allocates (or reuses ``out``), ``finish`` hands the
+    result back as the caller's kind, ``host`` brings a per-channel vector to
+    NumPy float64, ``like`` puts one back beside ``ref``; ``kernels()`` is the
+    module with ``stats``, ``normalize``, ``backward_sums``, ``backward_apply``.
+    ``numbn._cuda.Device`` implements the same for CUDA device arrays.
+    """
+
+    @staticmethod
+    def adopt(a):
+        return a
 
     @staticmethod
     def kernels():
@@ -38,7 +51,7 @@ class _Host:
         return plan.empty(dtype)
 
     @staticmethod
-    def finish(full, out):
+    def finish(full, out, like):
         if out is not None and full is not out:
             out[...] = full
             return out
@@ -82,13 +95,14 @@ def _train(x, weight, bias, eps, axis, backend, out, relu):
             x, weight, bias, eps, axis, "relu" if relu else None)
         return _fill(y, x, out), mean, var, count
     eng = _engine(name)
-    plan = Plan.of(x, axis)
-    x3 = eng.canonical(x, plan)
+    xa = eng.adopt(x)
+    plan = Plan.of(xa, axis)
+    x3 = eng.canonical(xa, plan)
     mean, var = eng.kernels().stats(x3)
     scale = _ones(eng.host(weight), c) / np.sqrt(var + eps)
     full, y3 = eng.output(plan, _checks.dtype_of(x), out)
     eng.kernels().normalize(x3, mean, scale, _zeros(eng.host(bias), c), relu, y3)
-    return eng.finish(full, out), mean, var, x3.shape[0] * x3.shape[2]
+    return eng.finish(full, out, x), mean, var, x3.shape[0] * x3.shape[2]
 
 
 def _infer(x, mean, var, weight, bias, eps, axis, backend, out, relu):
@@ -100,12 +114,13 @@ def _infer(x, mean, var, weight, bias, eps, axis, backend, out, relu):
         return _fill(y, x, out)
     eng = _engine(name)
     c = x.shape[axis]
-    plan = Plan.of(x, axis)
-    x3 = eng.canonical(x, plan)
+    xa = eng.adopt(x)
+    plan = Plan.of(xa, axis)
+    x3 = eng.canonical(xa, plan)
     scale = _ones(eng.host(weight), c) / np.sqrt(eng.host(var) + eps)
     full, y3 = eng.output(plan, _checks.dtype_of(x), out)
     eng.kernels().normalize(x3, eng.host(mean), scale, _zeros(eng.host(bias), c), relu, y3)
-    return eng.finish(full, out)
+    return eng.finish(full, out, x)
 
 
 def _fill(y64: np.ndarray, x, out):
@@ -321,9 +336,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
 
 def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, relu):
     c = x.shape[axis]
-    plan = Plan.of(x, axis)
-    x3 = eng.canonical(x, plan)
-    dy3 = eng.canonical(dy, plan)
+    xa = eng.adopt(x)
+    plan = Plan.of(xa, axis)
+    x3 = eng.canonical(xa, plan)
+    dy3 = eng.canonical(eng.adopt(dy), plan)
     m, inv = eng.host(mean), eng.host(invstd)
     w = _ones(eng.host(weight), c)
     a = w * inv
@@ -341,4 +357,4 @@ def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, rel
         b = d = np.zeros(c)
     full, dx3 = eng.output(plan, _checks.dtype_of(x))
     kern.backward_apply(dy3, x3, m, a, t, relu, b, d, dx3)
-    return full, sum_gx * inv, sum_g
+    return eng.finish(full, None, x), sum_gx * inv, sum_g

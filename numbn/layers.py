@@ -116,6 +116,10 @@ class BatchNorm:
         self.num_batches_tracked = 0 if track_running_stats else None
         self.grad_weight = self.grad_bias = None
         self._saved = None
+        #: Called as ``observer(self, mean, var_biased, count)`` (float64 per-channel
+        #: arrays) after every forward that computes batch statistics; used by
+        #: ``numbn.recalibrate`` to accumulate exact population statistics.
+        self._observer = None
         self.reset_parameters()
 
     # -- modes and state ---------------------------------------------------
@@ -187,6 +191,8 @@ class BatchNorm:
         n = _checks.training_count(x.shape, axis)
         y, mean, var, _ = _train(x, self.weight, self.bias, self.eps, axis, self.backend,
                                  None, relu)
+        if self._observer is not None:
+            self._observer(self, mean, var, n)
         if self.training and self.track_running_stats:
             self.num_batches_tracked += 1
             update_running(self.running_mean, self.running_var, mean, var, n, self._factor(),
