@@ -86,23 +86,39 @@ def _stats_dtype(x) -> np.dtype:
     return np.dtype(np.float64) if _checks.dtype_of(x) == np.float64 else np.dtype(np.float32)
 
 
-def _train(x, weight, bias, eps, axis, backend, out, relu):
-    """Training forward of a validated call: ``(y, mean, var_biased, count)``."""
+def _train(x, weight, bias, eps, axis, backend, out, relu, combine=None):
+    """Training forward of a validated call: ``(y, mean, var_biased, count)``.
+
+    ``combine(mean, var, count) -> (mean, var, count)``, when given, turns this
+    batch's statistics into the ones to normalise with (SyncBatchNorm merges
+    every rank's there); ``count`` may be 0 for an empty local batch, with
+    ``mean`` 0 and ``var`` NaN.
+    """
     name = resolve(backend, x)
     c = x.shape[axis]
     if name == "numpy":
-        y, mean, _, var, count = _reference.forward_train(
-            x, weight, bias, eps, axis, "relu" if relu else None)
+        if combine is None:
+            y, mean, _, var, count = _reference.forward_train(
+                x, weight, bias, eps, axis, "relu" if relu else None)
+            return _fill(y, x, out), mean, var, count
+        mean, var, count = _reference.batch_stats(x, axis) if x.size else (
+            np.zeros(c), np.full(c, np.nan), 0)
+        mean, var, count = combine(mean, var, count)
+        y = _reference.normalize(x, mean, var, weight, bias, eps, axis,
+                                 "relu" if relu else None)
         return _fill(y, x, out), mean, var, count
     eng = _engine(name)
     xa = eng.adopt(x)
     plan = Plan.of(xa, axis)
     x3 = eng.canonical(xa, plan)
     mean, var = eng.kernels().stats(x3)
+    count = x3.shape[0] * x3.shape[2]
+    if combine is not None:
+        mean, var, count = combine(mean, var, count)
     scale = _ones(eng.host(weight), c) / np.sqrt(var + eps)
     full, y3 = eng.output(plan, _checks.dtype_of(x), out)
     eng.kernels().normalize(x3, mean, scale, _zeros(eng.host(bias), c), relu, y3)
-    return eng.finish(full, out, x), mean, var, x3.shape[0] * x3.shape[2]
+    return eng.finish(full, out, x), mean, var, count
 
 
 def _infer(x, mean, var, weight, bias, eps, axis, backend, out, relu):
@@ -334,7 +350,14 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
     return dx, eng.like(dw, wdt, weight), eng.like(db, wdt, weight)
 
 
-def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, relu):
+def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, relu,
+                     combine=None):
+    """``(dx, dweight, dbias)`` from the kernels of engine ``eng``.
+
+    ``combine(sum_g, sum_gx, count) -> (sum_g, sum_gx, count)``, when given,
+    turns this batch's sums into the global ones that ``dx`` uses (training
+    only); ``dweight`` and ``dbias`` stay this batch's own contribution.
+    """
     c = x.shape[axis]
     xa = eng.adopt(x)
     plan = Plan.of(xa, axis)
@@ -350,9 +373,11 @@ def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, rel
     else:
         sum_g = sum_gx = np.zeros(c)
     if training:
-        n = x3.shape[0] * x3.shape[2]
-        b = -a * inv * inv * sum_gx / n
-        d = -a * sum_g / n
+        glob_g, glob_gx, n = sum_g, sum_gx, x3.shape[0] * x3.shape[2]
+        if combine is not None:
+            glob_g, glob_gx, n = combine(sum_g, sum_gx, n)
+        b = -a * inv * inv * glob_gx / n
+        d = -a * glob_g / n
     else:
         b = d = np.zeros(c)
     full, dx3 = eng.output(plan, _checks.dtype_of(x))
