@@ -11,23 +11,35 @@ Everything here is read at call time, never at import time of the kernels, so
 #: the cache, large enough that the merge costs nothing.
 CPU_BLOCK = 4096
 
+#: Elements (rows x C) of a channels-last block: every block costs a Chan
+#: merge per channel, so blocks are larger than ``CPU_BLOCK``, while still
+#: fitting in a core's L2 cache for the second pass.
+CPU_ROWS_BLOCK = 32768
+
 #: Smallest number of elements worth giving a thread of its own.
 CPU_MIN_TASK = 16384
 
 #: Tasks per thread a reduction is split into, for load balance.
 CPU_TASKS_PER_THREAD = 4
 
-#: A channel-major reduction (inner run >= this) splits per channel; shorter
-#: inner runs (channels-last, 2-D) use per-thread row blocks over all channels.
-CPU_CHANNEL_MAJOR_MIN_INNER = 16
-
 # CUDA kernels --------------------------------------------------------------
 
-#: Threads per block of the CUDA kernels (a multiple of 32).
+#: Threads per block of the CUDA kernels: a power of two, at least 32 (a warp)
+#: on a GPU; the CUDA simulator takes any power of two (tests use 8).
 CUDA_THREADS_PER_BLOCK = 256
 
-#: Largest number of blocks a reduction is split into per channel.
+#: Largest number of blocks a reduction is split into per channel (the
+#: per-channel partials are merged by a second, small kernel).
 CUDA_MAX_BLOCKS_PER_CHANNEL = 64
 
-#: Elements each block of a reduction aims to cover.
+#: Elements each block aims to cover (reductions and elementwise kernels);
+#: sets the grid size, with the caps here.
 CUDA_ELEMENTS_PER_BLOCK = 16384
+
+#: Channel-major CUDA kernels (blocks along each channel's contiguous inner
+#: run) when the inner run is at least this long; shorter runs (channels-last,
+#: 2-D) tile contiguous channels across the threads of a block instead.
+CUDA_CHANNEL_MAJOR_MIN_INNER = 32
+
+#: Largest 1-D grid of the grid-stride elementwise and copy kernels.
+CUDA_MAX_GRID_BLOCKS = 65535

@@ -43,6 +43,10 @@ from . import _config
 
 _FLAGS = dict(parallel=True, cache=True, fastmath={"reassoc", "contract"})
 
+# Loops below index slice views from 0 (``for i in range(n): xr[i]``): a loop
+# whose start is computed keeps Numba's negative-index wraparound check alive
+# and stops LLVM from vectorising it (4-6x slower, measured).
+
 
 @njit(inline="always")
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -56,14 +60,33 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @njit(inline="always")
-def _span(f0, f1, inner, o):
-    """The part of row ``o`` that lies in the flat range ``[f0, f1)``."""
-    start = o * inner
-    return max(f0 - start, 0), min(f1 - start, inner)
+def _chunk_moments(xr, zero, shift_cell):
+    """(count, mean, M2) of the 1-D chunk ``xr`` in float64.
+
+    Sums run in ``xr``'s dtype (float32 for float32 input: twice the SIMD
+    width of float64, and a chunk is short). Pass 1 finds the chunk mean;
+    pass 2 sums deviations from it, rounded to the input dtype through
+    ``shift_cell``, and corrects for that rounding (shifted-data formula with
+    a shift next to the mean: no cancellation).
+    """
+    n = xr.shape[0]
+    acc = zero
+    for i in range(n):
+        acc += xr[i]
+    shift_cell[0] = np.float64(acc) / n
+    sh = shift_cell[0]
+    d1 = zero
+    d2 = zero
+    for i in range(n):
+        d = xr[i] - sh
+        d1 += d
+        d2 += d * d
+    mean_dev = np.float64(d1) / n
+    return np.float64(n), np.float64(sh) + mean_dev, np.float64(d2) - np.float64(d1) * mean_dev
 
 
 @njit(**_FLAGS)
-def _stats_channel_major(x, nsplit, block, pn, pmean, pm2):
+def _stats_channel_major(x, nsplit, block, zero, cells, pn, pmean, pm2):
     outer, C, inner = x.shape
     total = outer * inner
     for task in prange(C * nsplit):
@@ -71,60 +94,59 @@ def _stats_channel_major(x, nsplit, block, pn, pmean, pm2):
         s = task - c * nsplit
         f0 = s * total // nsplit
         f1 = (s + 1) * total // nsplit
+        cell = cells[task:task + 1]
         n, mean, m2 = 0.0, 0.0, 0.0
-        for b0 in range(f0, f1, block):
-            b1 = min(b0 + block, f1)
-            acc = 0.0
-            for o in range(b0 // inner, (b1 - 1) // inner + 1):
-                i0, i1 = _span(b0, b1, inner, o)
-                for i in range(i0, i1):
-                    acc += np.float64(x[o, c, i])
-            nb = np.float64(b1 - b0)
-            mb = acc / nb
-            acc = 0.0
-            for o in range(b0 // inner, (b1 - 1) // inner + 1):
-                i0, i1 = _span(b0, b1, inner, o)
-                for i in range(i0, i1):
-                    d = np.float64(x[o, c, i]) - mb
-                    acc += d * d
-            n, mean, m2 = _chan_merge(n, mean, m2, nb, mb, acc)
+        for o in range(f0 // inner, (f1 + inner - 1) // inner):
+            i0 = max(f0 - o * inner, 0)
+            i1 = min(f1 - o * inner, inner)
+            for b0 in range(i0, i1, block):
+                xr = x[o, c, b0:min(b0 + block, i1)]
+                nb, mb, m2b = _chunk_moments(xr, zero, cell)
+                n, mean, m2 = _chan_merge(n, mean, m2, nb, mb, m2b)
         pn[c, s] = n
         pmean[c, s] = mean
         pm2[c, s] = m2
 
 
 @njit(**_FLAGS)
-def _stats_row_major(x, nsplit, block_rows, pn, pmean, pm2, bsum, bm2):
-    # Loop order o, i, c: with channels last (inner == 1) the innermost loop
-    # runs along contiguous channels and vectorises across them.
-    outer, C, inner = x.shape
+def _stats_rows(x, nsplit, block_rows, zero, acc, pn, pmean, pm2):
+    """Channels-last statistics of 2-D ``x`` (rows, C), per-task row blocks."""
+    R, C = x.shape
     for s in prange(nsplit):
-        o0 = s * outer // nsplit
-        o1 = (s + 1) * outer // nsplit
+        o0 = s * R // nsplit
+        o1 = (s + 1) * R // nsplit
+        bs = acc[s, 0]
+        sh = acc[s, 1]
+        d1 = acc[s, 2]
+        d2 = acc[s, 3]
         n = 0.0
         for c in range(C):
             pmean[c, s] = 0.0
             pm2[c, s] = 0.0
         for r0 in range(o0, o1, block_rows):
             r1 = min(r0 + block_rows, o1)
-            nb = np.float64((r1 - r0) * inner)
+            nb = np.float64(r1 - r0)
             for c in range(C):
-                bsum[s, c] = 0.0
-                bm2[s, c] = 0.0
+                bs[c] = zero
+                d1[c] = zero
+                d2[c] = zero
             for o in range(r0, r1):
-                for i in range(inner):
-                    for c in range(C):
-                        bsum[s, c] += np.float64(x[o, c, i])
+                xr = x[o]
+                for c in range(C):
+                    bs[c] += xr[c]
             for c in range(C):
-                bsum[s, c] /= nb
+                sh[c] = np.float64(bs[c]) / nb
             for o in range(r0, r1):
-                for i in range(inner):
-                    for c in range(C):
-                        d = np.float64(x[o, c, i]) - bsum[s, c]
-                        bm2[s, c] += d * d
+                xr = x[o]
+                for c in range(C):
+                    d = xr[c] - sh[c]
+                    d1[c] += d
+                    d2[c] += d * d
             for c in range(C):
-                _, pmean[c, s], pm2[c, s] = _chan_merge(n, pmean[c, s], pm2[c, s],
-                                                        nb, bsum[s, c], bm2[s, c])
+                mean_dev = np.float64(d1[c]) / nb
+                m2b = np.float64(d2[c]) - np.float64(d1[c]) * mean_dev
+                _, pmean[c, s], pm2[c, s] = _chan_merge(
+                    n, pmean[c, s], pm2[c, s], nb, np.float64(sh[c]) + mean_dev, m2b)
             n += nb
         for c in range(C):
             pn[c, s] = n
@@ -142,48 +164,54 @@ def _merge_partials(pn, pmean, pm2, mean, var):
 
 
 @njit(inline="always")
-def _bn_relu(xv, m, a, t, relu):
-    """``(x - m) * a + t``, then ReLU when asked; NaN passes through."""
-    v = (xv - m) * a + t
-    if relu and v < 0.0:
-        v = 0.0
-    return v
+def _bn(xv, m, a, t, lo):
+    """``(x - m) * a + t`` clipped below at ``lo`` (0 for the fused ReLU,
+    -inf otherwise); NaN passes through."""
+    v = (np.float64(xv) - m) * a + t
+    return lo if v < lo else v
 
 
 @njit(inline="always")
-def _masked(g, xv, m, a, t, relu):
-    """``dy`` where the fused ReLU passed its input, else 0 (0 at the boundary,
-    as torch's ``threshold_backward``)."""
-    if relu and not ((xv - m) * a + t > 0.0):
-        return 0.0
+def _gate(g, xv, m, a, t, relu, zero):
+    """``dy``, or ``zero`` where the fused ReLU did not pass its input: 0 at
+    the boundary ``(x - m) * a + t == 0`` (and for NaN), as torch's
+    ``threshold_backward``. The test is the forward's own expression, so the
+    mask matches the forward; ``relu`` is loop-invariant and LLVM unswitches it."""
+    if relu and not ((np.float64(xv) - m) * a + t > 0.0):
+        return zero
     return g
 
 
 @njit(**_FLAGS)
-def _affine_channel_major(x, m, a, t, relu, y, isplit):
+def _affine_channel_major(x, m, a, t, lo, y, isplit):
     outer, C, inner = x.shape
     for task in prange(outer * C * isplit):
         row = task // isplit
         s = task - row * isplit
         o = row // C
         c = row - o * C
+        i0 = s * inner // isplit
+        i1 = (s + 1) * inner // isplit
+        xr = x[o, c, i0:i1]
+        yr = y[o, c, i0:i1]
         mc, ac, tc = m[c], a[c], t[c]
-        for i in range(s * inner // isplit, (s + 1) * inner // isplit):
-            y[o, c, i] = _bn_relu(np.float64(x[o, c, i]), mc, ac, tc, relu)
+        for i in range(i1 - i0):
+            yr[i] = _bn(xr[i], mc, ac, tc, lo)
 
 
 @njit(**_FLAGS)
-def _affine_row_major(x, m, a, t, relu, y, nsplit):
-    outer, C, inner = x.shape
+def _affine_rows(x, m, a, t, lo, y, nsplit):
+    R, C = x.shape
     for s in prange(nsplit):
-        for o in range(s * outer // nsplit, (s + 1) * outer // nsplit):
-            for i in range(inner):
-                for c in range(C):
-                    y[o, c, i] = _bn_relu(np.float64(x[o, c, i]), m[c], a[c], t[c], relu)
+        for o in range(s * R // nsplit, (s + 1) * R // nsplit):
+            xr = x[o]
+            yr = y[o]
+            for c in range(C):
+                yr[c] = _bn(xr[c], m[c], a[c], t[c], lo)
 
 
 @njit(**_FLAGS)
-def _sums_channel_major(dy, x, m, a, t, relu, nsplit, psum, pdot):
+def _sums_channel_major(dy, x, m, mx, a, t, relu, nsplit, block, zero, psum, pdot):
     outer, C, inner = x.shape
     total = outer * inner
     for task in prange(C * nsplit):
@@ -191,35 +219,52 @@ def _sums_channel_major(dy, x, m, a, t, relu, nsplit, psum, pdot):
         s = task - c * nsplit
         f0 = s * total // nsplit
         f1 = (s + 1) * total // nsplit
-        mc, ac, tc = m[c], a[c], t[c]
+        mc, mxc, ac, tc = m[c], mx[c], a[c], t[c]
         acc_g = 0.0
         acc_gx = 0.0
-        if f1 > f0:
-            for o in range(f0 // inner, (f1 - 1) // inner + 1):
-                i0, i1 = _span(f0, f1, inner, o)
-                for i in range(i0, i1):
-                    xv = np.float64(x[o, c, i])
-                    g = _masked(np.float64(dy[o, c, i]), xv, mc, ac, tc, relu)
-                    acc_g += g
-                    acc_gx += g * (xv - mc)
+        for o in range(f0 // inner, (f1 + inner - 1) // inner):
+            i0 = max(f0 - o * inner, 0)
+            i1 = min(f1 - o * inner, inner)
+            for b0 in range(i0, i1, block):
+                b1 = min(b0 + block, i1)
+                xr = x[o, c, b0:b1]
+                gr = dy[o, c, b0:b1]
+                sg = zero
+                sgx = zero
+                for i in range(b1 - b0):
+                    g = _gate(gr[i], xr[i], mc, ac, tc, relu, zero)
+                    sg += g
+                    sgx += g * (xr[i] - mxc)
+                acc_g += np.float64(sg)
+                acc_gx += np.float64(sgx)
         psum[c, s] = acc_g
         pdot[c, s] = acc_gx
 
 
 @njit(**_FLAGS)
-def _sums_row_major(dy, x, m, a, t, relu, nsplit, psum, pdot):
-    outer, C, inner = x.shape
+def _sums_rows(dy, x, m, mx, a, t, relu, nsplit, block_rows, zero, acc, psum, pdot):
+    R, C = x.shape
     for s in prange(nsplit):
+        sg = acc[s, 0]
+        sgx = acc[s, 1]
         for c in range(C):
             psum[c, s] = 0.0
             pdot[c, s] = 0.0
-        for o in range(s * outer // nsplit, (s + 1) * outer // nsplit):
-            for i in range(inner):
+        for r0 in range(s * R // nsplit, (s + 1) * R // nsplit, block_rows):
+            r1 = min(r0 + block_rows, (s + 1) * R // nsplit)
+            for c in range(C):
+                sg[c] = zero
+                sgx[c] = zero
+            for o in range(r0, r1):
+                xr = x[o]
+                gr = dy[o]
                 for c in range(C):
-                    xv = np.float64(x[o, c, i])
-                    g = _masked(np.float64(dy[o, c, i]), xv, m[c], a[c], t[c], relu)
-                    psum[c, s] += g
-                    pdot[c, s] += g * (xv - m[c])
+                    g = _gate(gr[c], xr[c], m[c], a[c], t[c], relu, zero)
+                    sg[c] += g
+                    sgx[c] += g * (xr[c] - mx[c])
+            for c in range(C):
+                psum[c, s] += np.float64(sg[c])
+                pdot[c, s] += np.float64(sgx[c])
 
 
 @njit(**_FLAGS)
@@ -230,30 +275,36 @@ def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit):
         s = task - row * isplit
         o = row // C
         c = row - o * C
+        i0 = s * inner // isplit
+        i1 = (s + 1) * inner // isplit
+        xr = x[o, c, i0:i1]
+        gr = dy[o, c, i0:i1]
+        dr = dx[o, c, i0:i1]
         mc, ac, tc, bc, dc = m[c], a[c], t[c], b[c], d[c]
-        for i in range(s * inner // isplit, (s + 1) * inner // isplit):
-            xv = np.float64(x[o, c, i])
-            g = _masked(np.float64(dy[o, c, i]), xv, mc, ac, tc, relu)
-            dx[o, c, i] = g * ac + (xv - mc) * bc + dc
+        for i in range(i1 - i0):
+            g = _gate(np.float64(gr[i]), xr[i], mc, ac, tc, relu, 0.0)
+            dr[i] = g * ac + (np.float64(xr[i]) - mc) * bc + dc
 
 
 @njit(**_FLAGS)
-def _apply_row_major(dy, x, m, a, t, relu, b, d, dx, nsplit):
-    outer, C, inner = x.shape
+def _apply_rows(dy, x, m, a, t, relu, b, d, dx, nsplit):
+    R, C = x.shape
     for s in prange(nsplit):
-        for o in range(s * outer // nsplit, (s + 1) * outer // nsplit):
-            for i in range(inner):
-                for c in range(C):
-                    xv = np.float64(x[o, c, i])
-                    g = _masked(np.float64(dy[o, c, i]), xv, m[c], a[c], t[c], relu)
-                    dx[o, c, i] = g * a[c] + (xv - m[c]) * b[c] + d[c]
+        for o in range(s * R // nsplit, (s + 1) * R // nsplit):
+            xr = x[o]
+            gr = dy[o]
+            dr = dx[o]
+            for c in range(C):
+                g = _gate(np.float64(gr[c]), xr[c], m[c], a[c], t[c], relu, 0.0)
+                dr[c] = g * a[c] + (np.float64(xr[c]) - m[c]) * b[c] + d[c]
 
 
 # Host-side drivers ---------------------------------------------------------
 
 
-def _channel_major(x3) -> bool:
-    return x3.shape[2] >= _config.CPU_CHANNEL_MAJOR_MIN_INNER
+def _rows(x3):
+    """The 2-D ``(rows, C)`` view of a channels-last canonical view, else None."""
+    return x3[:, :, 0] if x3.shape[2] == 1 else None
 
 
 def _tasks(total_elements: int, cap: int) -> int:
@@ -276,20 +327,33 @@ def _f32(a):
     return a.astype(np.float32) if a.dtype == np.float16 else a
 
 
+def _zero(x3):
+    return x3.dtype.type(0)
+
+
+def _lo(relu: bool) -> float:
+    return 0.0 if relu else -np.inf
+
+
+def _block_rows(C: int) -> int:
+    return max(1, _config.CPU_ROWS_BLOCK // max(C, 1))
+
+
 def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance (float64) of ``x3``."""
     x3 = _f32(x3)
     outer, C, inner = x3.shape
-    if _channel_major(x3):
-        per_channel = _per_channel(x3)
-        pn, pmean, pm2 = (np.empty((C, per_channel)) for _ in range(3))
-        _stats_channel_major(x3, per_channel, _config.CPU_BLOCK, pn, pmean, pm2)
+    x2 = _rows(x3)
+    if x2 is None:
+        nsplit = _per_channel(x3)
+        pn, pmean, pm2 = (np.empty((C, nsplit)) for _ in range(3))
+        cells = np.empty(C * nsplit, x3.dtype)
+        _stats_channel_major(x3, nsplit, _config.CPU_BLOCK, _zero(x3), cells, pn, pmean, pm2)
     else:
         nsplit = _tasks(x3.size, outer)
         pn, pmean, pm2 = (np.empty((C, nsplit)) for _ in range(3))
-        bsum, bm2 = np.empty((nsplit, C)), np.empty((nsplit, C))
-        block_rows = max(1, _config.CPU_BLOCK // max(C * inner, 1))
-        _stats_row_major(x3, nsplit, block_rows, pn, pmean, pm2, bsum, bm2)
+        acc = np.empty((nsplit, 4, C), x3.dtype)
+        _stats_rows(x2, nsplit, _block_rows(C), _zero(x3), acc, pn, pmean, pm2)
     mean, var = np.empty(C), np.empty(C)
     _merge_partials(pn, pmean, pm2, mean, var)
     return mean, var
@@ -300,18 +364,19 @@ def _writer(out3):
     return np.empty(out3.shape, np.float32) if out3.dtype == np.float16 else out3
 
 
-def _elementwise_split(x3) -> int:
+def _isplit(x3) -> int:
     outer, C, inner = x3.shape
-    if _channel_major(x3):
-        return max(1, _tasks(x3.size, inner) // max(outer * C, 1))
-    return _tasks(x3.size, outer)
+    return max(1, _tasks(x3.size, inner) // max(outer * C, 1))
 
 
 def normalize(x3, m, a, t, relu, y3) -> None:
     """``y3 = (x3 - m[c]) * a[c] + t[c]``, then ReLU if ``relu`` (vectors float64)."""
     x3, target = _f32(x3), _writer(y3)
-    kernel = _affine_channel_major if _channel_major(x3) else _affine_row_major
-    kernel(x3, m, a, t, relu, target, _elementwise_split(x3))
+    x2 = _rows(x3)
+    if x2 is None:
+        _affine_channel_major(x3, m, a, t, _lo(relu), target, _isplit(x3))
+    else:
+        _affine_rows(x2, m, a, t, _lo(relu), target[:, :, 0], _tasks(x3.size, x2.shape[0]))
     if target is not y3:
         y3[...] = target
 
@@ -321,18 +386,34 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
     ``dy`` masked by the fused ReLU when ``relu`` (its input ``(x - m) * a + t``)."""
     dy3, x3 = _f32(dy3), _f32(x3)
     outer, C, inner = x3.shape
-    nsplit = _per_channel(x3) if _channel_major(x3) else _tasks(x3.size, outer)
-    psum, pdot = np.empty((C, nsplit)), np.empty((C, nsplit))
-    kernel = _sums_channel_major if _channel_major(x3) else _sums_row_major
-    kernel(dy3, x3, m, a, t, relu, nsplit, psum, pdot)
-    return psum.sum(axis=1), pdot.sum(axis=1)
+    # The kernels subtract m rounded to x's dtype (so float32 input keeps
+    # float32 SIMD); sum(g * (x - m)) is corrected for that rounding below.
+    mx = m.astype(x3.dtype)
+    x2 = _rows(x3)
+    if x2 is None:
+        nsplit = _per_channel(x3)
+        psum, pdot = np.empty((C, nsplit)), np.empty((C, nsplit))
+        _sums_channel_major(dy3, x3, m, mx, a, t, relu, nsplit, _config.CPU_BLOCK,
+                            _zero(x3), psum, pdot)
+    else:
+        nsplit = _tasks(x3.size, outer)
+        psum, pdot = np.empty((C, nsplit)), np.empty((C, nsplit))
+        acc = np.empty((nsplit, 2, C), x3.dtype)
+        _sums_rows(dy3[:, :, 0], x2, m, mx, a, t, relu, nsplit, _block_rows(C), _zero(x3),
+                   acc, psum, pdot)
+    sum_g = psum.sum(axis=1)
+    return sum_g, pdot.sum(axis=1) - (m - mx.astype(np.float64)) * sum_g
 
 
 def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
     """``dx3 = g * a[c] + (x3 - m[c]) * b[c] + d[c]`` with ``g`` as in
     :func:`backward_sums`."""
     dy3, x3, target = _f32(dy3), _f32(x3), _writer(dx3)
-    kernel = _apply_channel_major if _channel_major(x3) else _apply_row_major
-    kernel(dy3, x3, m, a, t, relu, b, d, target, _elementwise_split(x3))
+    x2 = _rows(x3)
+    if x2 is None:
+        _apply_channel_major(dy3, x3, m, a, t, relu, b, d, target, _isplit(x3))
+    else:
+        _apply_rows(dy3[:, :, 0], x2, m, a, t, relu, b, d, target[:, :, 0],
+                    _tasks(x3.size, x2.shape[0]))
     if target is not dx3:
         dx3[...] = target

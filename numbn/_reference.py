@@ -7,7 +7,21 @@ result is float64.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+
+
+def _quiet(fn):
+    """Run ``fn`` without floating-point warnings: NaN and Inf are legal input
+    and propagate to their channel's outputs (tests/test_bad_input.py)."""
+
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            return fn(*args, **kwargs)
+
+    return quiet
 
 
 def _channels_last(a: np.ndarray, axis: int) -> np.ndarray:
@@ -25,6 +39,7 @@ def _vector(v, c: int, fill: float) -> np.ndarray:
     return np.full(c, fill) if v is None else np.asarray(v, dtype=np.float64)
 
 
+@_quiet
 def batch_stats(x: np.ndarray, axis: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-channel mean, biased variance and count, by the two-pass formula."""
     flat = _channels_last(x, axis)
@@ -33,6 +48,7 @@ def batch_stats(x: np.ndarray, axis: int = 1) -> tuple[np.ndarray, np.ndarray, i
     return mean, var, flat.shape[0]
 
 
+@_quiet
 def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, activation=None):
     """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, float64."""
     flat = _channels_last(x, axis)
@@ -44,6 +60,7 @@ def normalize(x, mean, var, weight=None, bias=None, eps=1e-5, axis=1, activation
     return _from_channels_last(y, x, axis)
 
 
+@_quiet
 def forward_train(x, weight=None, bias=None, eps=1e-5, axis=1, activation=None):
     """Training forward: ``(y, mean, invstd, var_biased, count)``, all float64."""
     mean, var, count = batch_stats(x, axis)
@@ -51,6 +68,7 @@ def forward_train(x, weight=None, bias=None, eps=1e-5, axis=1, activation=None):
     return y, mean, 1.0 / np.sqrt(var + eps), var, count
 
 
+@_quiet
 def backward(dy, x, mean, invstd, weight=None, training=True, axis=1,
              bias=None, activation=None):
     """Gradients of ``sum(dy * y)``: ``(dx, dweight, dbias)``, float64.
@@ -81,6 +99,7 @@ def backward(dy, x, mean, invstd, weight=None, training=True, axis=1,
     return dx, dweight, dbias
 
 
+@_quiet
 def update_running(running: np.ndarray, batch: np.ndarray, factor: float) -> np.ndarray:
     """``(1 - factor) * running + factor * batch`` in float64 (torch's form)."""
     return (1.0 - factor) * np.asarray(running, dtype=np.float64) + factor * batch

@@ -13,6 +13,7 @@ import numpy as np
 from . import _checks, _reference
 from ._dispatch import resolve
 from ._layout import Plan
+from ._reference import _quiet
 
 
 class _Host:
@@ -86,6 +87,7 @@ def _stats_dtype(x) -> np.dtype:
     return np.dtype(np.float64) if _checks.dtype_of(x) == np.float64 else np.dtype(np.float32)
 
 
+@_quiet
 def _train(x, weight, bias, eps, axis, backend, out, relu, combine=None):
     """Training forward of a validated call: ``(y, mean, var_biased, count)``.
 
@@ -121,6 +123,7 @@ def _train(x, weight, bias, eps, axis, backend, out, relu, combine=None):
     return eng.finish(full, out, x), mean, var, count
 
 
+@_quiet
 def _infer(x, mean, var, weight, bias, eps, axis, backend, out, relu):
     """Inference forward of a validated call, with ``mean`` and ``var`` given."""
     name = resolve(backend, x)
@@ -228,6 +231,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     return _infer(x, running_mean, running_var, weight, bias, eps, axis, backend, out, relu)
 
 
+@_quiet
 def update_running(running_mean, running_var, mean, var, count, factor, *, unbiased):
     """``r = (1 - factor) * r + factor * batch`` in place, for mean and variance."""
     var = var * (count / (count - 1)) if unbiased else var
@@ -239,6 +243,7 @@ def update_running(running_mean, running_var, mean, var, count, factor, *, unbia
             _engine("cuda").assign(r, new)
 
 
+@_quiet
 def batch_norm_forward(x, weight=None, bias=None, *, eps: float = 1e-5, axis: int = 1,
                        backend: str = "auto", out=None, activation=None):
     """Training-mode forward that also returns what the backward needs.
@@ -350,6 +355,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
     return dx, eng.like(dw, wdt, weight), eng.like(db, wdt, weight)
 
 
+@_quiet
 def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, relu,
                      combine=None):
     """``(dx, dweight, dbias)`` from the kernels of engine ``eng``.

@@ -11,6 +11,7 @@ from . import _checks
 from .functional import (_check_forward, _engine, _infer, _stats_dtype, _train,
                          batch_norm_backward, update_running)
 from ._dispatch import resolve
+from ._reference import _quiet
 
 
 @dataclass(frozen=True)
@@ -154,11 +155,68 @@ class BatchNorm:
         m = float(self.momentum)
         return m if self.convention.momentum_is_new else 1.0 - m
 
+    # -- freezing for fine-tuning ------------------------------------------
+
+    #: Set on the instance by :meth:`freeze`; the class default leaves layers unfrozen.
+    _frozen = False
+
+    @property
+    def frozen(self) -> bool:
+        """True between :meth:`freeze` and :meth:`unfreeze`."""
+        return self._frozen
+
+    def freeze(self) -> BatchNorm:
+        """Freeze the layer for fine-tuning, as Keras's ``trainable = False`` does.
+
+        A frozen layer normalises with its running statistics even in training
+        mode and updates nothing: neither the running statistics nor
+        ``num_batches_tracked``. Its backward is the inference-form backward
+        (statistics held constant), and it sets ``grad_weight`` and
+        ``grad_bias`` to None, as PyTorch leaves ``.grad`` of a parameter with
+        ``requires_grad=False`` and as Keras leaves non-trainable weights out
+        of the gradients: an optimiser loop that skips None gradients leaves
+        ``weight`` and ``bias`` as they are. ``training`` is not changed, and
+        :meth:`unfreeze` restores the usual behaviour. ``numbn.recalibrate``
+        unfreezes a layer for the length of its block.
+
+        Returns
+        -------
+        BatchNorm
+            ``self``.
+
+        Raises
+        ------
+        ValueError
+            The layer has no running statistics (``track_running_stats=False``)
+            to normalise with.
+
+        Examples
+        --------
+        >>> import numpy as np, numbn
+        >>> bn = numbn.BatchNorm(2).freeze()
+        >>> x = np.arange(8, dtype=np.float32).reshape(4, 2)
+        >>> y = bn(x)                      # running statistics: mean 0, variance 1
+        >>> dx = bn.backward(np.ones_like(y))
+        >>> bn.training, bn.frozen, bn.num_batches_tracked, bn.grad_weight
+        (True, True, 0, None)
+        """
+        if not self.track_running_stats:
+            raise ValueError("cannot freeze a BatchNorm without running statistics "
+                             "(track_running_stats=False): a frozen layer normalises with them")
+        self._frozen = True
+        return self
+
+    def unfreeze(self) -> BatchNorm:
+        """Undo :meth:`freeze`; returns ``self``."""
+        self._frozen = False
+        return self
+
     # -- forward and backward -----------------------------------------------
 
     def __call__(self, x):
         return self.forward(x)
 
+    @_quiet
     def forward(self, x):
         """Normalise ``x``; in training mode, update the running statistics.
 
@@ -180,7 +238,8 @@ class BatchNorm:
         if x.shape[axis] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels on axis {self.axis}, "
                              f"got input of shape {tuple(x.shape)}")
-        use_batch = self.training or not self.track_running_stats
+        # A frozen layer uses its running statistics in training mode too (freeze()).
+        use_batch = (self.training and not self._frozen) or not self.track_running_stats
         if not use_batch:
             y = _infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                        self.eps, axis, self.backend, None, relu)
@@ -206,7 +265,7 @@ class BatchNorm:
         After a training forward this is the full BatchNorm backward; after an
         eval-mode forward it is the backward of the inference form (frozen
         statistics). Sets ``grad_weight`` and ``grad_bias`` (None without
-        ``affine``).
+        ``affine``, and None while :meth:`freeze` is in effect).
 
         Raises
         ------
@@ -222,7 +281,7 @@ class BatchNorm:
                                          self.weight, bias=self.bias, training=training,
                                          axis=axis, backend=self.backend,
                                          activation=self.activation)
-        self.grad_weight, self.grad_bias = dw, db
+        self.grad_weight, self.grad_bias = (None, None) if self._frozen else (dw, db)
         return dx
 
     # -- state dict and files ----------------------------------------------

@@ -1,0 +1,104 @@
+"""Shared test tables: tolerances per dtype, layouts, shapes, helpers.
+
+Every numeric comparison in the suite takes its tolerance from ``TOL`` here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import numbn
+
+#: (rtol, atol) per dtype of the input, for values of order one.
+TOL = {
+    np.dtype(np.float16): (3e-3, 3e-3),
+    np.dtype(np.float32): (2e-5, 2e-5),
+    np.dtype(np.float64): (1e-10, 1e-10),
+}
+
+DTYPES = [np.float16, np.float32, np.float64]
+
+#: (shape, axis): PyTorch's 1d/2d/3d layouts, channels-last, other axes.
+SHAPES = [
+    ((16, 5), 1),
+    ((4, 3, 7), 1),
+    ((3, 4, 5, 6), 1),
+    ((3, 5, 6, 4), -1),
+    ((2, 3, 2, 3, 4), 1),
+    ((5, 4, 3), 0),
+    ((3, 4, 5, 2), 2),
+    ((2, 1, 40, 30), 1),
+    ((300, 2), 1),
+]
+
+
+def _contiguous(a):
+    return np.ascontiguousarray(a)
+
+
+def _fortran(a):
+    return np.asfortranarray(a)
+
+
+def _transposed(a):
+    """Same values and shape, memory in reversed axis order (a transposed view)."""
+    return np.ascontiguousarray(a.T).T
+
+
+def _sliced(a):
+    """Same values and shape, a strided view into a larger array (every other
+    element of the first axis, and of the last one)."""
+    big = np.zeros((a.shape[0] * 2,) + a.shape[1:-1] + (a.shape[-1] * 2,), a.dtype)
+    view = big[::2, ..., ::2]
+    view[...] = a
+    return view
+
+
+def _cropped(a):
+    """A view cropped in two axes: no two-run canonical view exists, so the
+    kernels get a documented dense copy."""
+    pad = [(0, 0)] * a.ndim
+    pad[0] = (1, 1)
+    pad[-1] = (1, 2)
+    big = np.pad(a, pad)
+    return big[1:-1, ..., 1:-2]
+
+
+LAYOUTS = {"contiguous": _contiguous, "fortran": _fortran, "transposed": _transposed,
+           "sliced": _sliced, "cropped": _cropped}
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+requires_torch = pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed "
+                                    "(pip install -e '.[compare]')")
+
+
+def close(actual, expected, dtype, scale=1.0, err=""):
+    rtol, atol = TOL[np.dtype(dtype)]
+    np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64),
+                               rtol=rtol, atol=atol * scale, err_msg=err)
+
+
+def make(rng, shape, dtype, mean=0.5, std=2.0):
+    return (rng.standard_normal(shape) * std + mean).astype(dtype)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def tiny_tasks(monkeypatch):
+    """Shrink the CPU tunables so that small inputs still split every channel
+    over several tasks and blocks (the paths large inputs take)."""
+    from numbn import _config
+
+    monkeypatch.setattr(_config, "CPU_MIN_TASK", 8)
+    monkeypatch.setattr(_config, "CPU_BLOCK", 7)
+    monkeypatch.setattr(_config, "CPU_ROWS_BLOCK", 9)
+
+
+HOST_BACKENDS = [b for b in numbn.available_backends() if b != "cuda"]

@@ -1,0 +1,136 @@
+"""SPEC's "Bad input": clear errors before anything is written, inputs and
+running statistics untouched, NaN and Inf confined to their channel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import HOST_BACKENDS
+
+import numbn
+
+
+@pytest.fixture
+def arrays(rng):
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    return dict(x=x, rm=np.zeros(3, np.float32), rv=np.ones(3, np.float32),
+                w=np.full(3, 2.0, np.float32), b=np.full(3, 0.5, np.float32))
+
+
+def _snapshot(d):
+    return {k: v.copy() for k, v in d.items()}
+
+
+BAD_CALLS = [
+    # (description, call, error, message pattern)
+    ("integer x", lambda a: numbn.batch_norm(a["x"].astype(np.int32), a["rm"], a["rv"]),
+     TypeError, "float16, float32 or float64"),
+    ("list x", lambda a: numbn.batch_norm(a["x"].tolist(), a["rm"], a["rv"]),
+     TypeError, "NumPy array"),
+    ("1-D x", lambda a: numbn.batch_norm(a["x"][0, 0], a["rm"], a["rv"], training=True),
+     ValueError, "at least 2 dimensions"),
+    ("axis out of range", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], axis=3),
+     ValueError, "out of range"),
+    ("weight length", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], a["w"][:2],
+                                                 training=True),
+     ValueError, r"weight must have shape \(3,\)"),
+    ("bias length", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], a["w"],
+                                               np.zeros(4, np.float32), training=True),
+     ValueError, "bias must have shape"),
+    ("running stats length", lambda a: numbn.batch_norm(a["x"], np.zeros(2), a["rv"],
+                                                        training=True),
+     ValueError, "running_mean must have shape"),
+    ("integer weight", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], np.ones(3, int),
+                                                  training=True),
+     TypeError, "weight must be float"),
+    ("one value per channel", lambda a: numbn.batch_norm(a["x"][:1, :, :1], a["rm"], a["rv"],
+                                                         training=True),
+     ValueError, "Expected more than 1 value per channel when training"),
+    ("empty batch", lambda a: numbn.batch_norm(a["x"][:0], a["rm"], a["rv"], training=True),
+     ValueError, "empty batch"),
+    ("eval without running stats", lambda a: numbn.batch_norm(a["x"], training=False),
+     ValueError, "required when training=False"),
+    ("only one running stat", lambda a: numbn.batch_norm(a["x"], a["rm"], None, training=True),
+     ValueError, "both running_mean and running_var"),
+    ("read-only running stat", lambda a: numbn.batch_norm(
+        a["x"], np.broadcast_to(np.float32(0), (3,)), a["rv"], training=True),
+     ValueError, "read-only"),
+    ("out wrong shape", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], training=True,
+                                                   out=np.empty((4, 3, 4), np.float32)),
+     ValueError, "out must have the shape"),
+    ("out wrong dtype", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], training=True,
+                                                   out=np.empty((4, 3, 5))),
+     TypeError, "out must have x's dtype"),
+    ("out overlapping x", lambda a: numbn.batch_norm(
+        a["x"], a["rm"], a["rv"], training=True, out=a["x"][::-1]),
+     ValueError, "overlaps"),
+    ("unknown backend", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], backend="tpu"),
+     ValueError, "unknown backend"),
+    ("unknown activation", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"],
+                                                      activation="gelu"),
+     ValueError, "activation"),
+    ("backward dy shape", lambda a: numbn.batch_norm_backward(
+        a["x"][:2], a["x"], a["rm"], a["rv"], a["w"]), ValueError, "dy must have the shape"),
+    ("backward mean length", lambda a: numbn.batch_norm_backward(
+        a["x"], a["x"], a["rm"][:2], a["rv"], a["w"]), ValueError, "mean must have shape"),
+    ("backward integer dy", lambda a: numbn.batch_norm_backward(
+        a["x"].astype(np.int64), a["x"], a["rm"], a["rv"]), TypeError, "dy must be float"),
+    ("forward one value", lambda a: numbn.batch_norm_forward(a["x"][:1, :, :1]),
+     ValueError, "more than 1 value per channel"),
+]
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("what,call,error,pattern", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_error_and_nothing_written(arrays, backend, what, call, error, pattern):
+    before = _snapshot(arrays)
+    with numbn.set_backend(backend), pytest.raises(error, match=pattern):
+        call(arrays)
+    for k, v in before.items():
+        np.testing.assert_array_equal(arrays[k], v, err_msg=f"{k} changed by a failed call")
+
+
+def test_layer_errors_leave_state_untouched(rng):
+    bn = numbn.BatchNorm(3)
+    bn(rng.standard_normal((4, 3)).astype(np.float32))
+    state = bn.state_dict()
+    bad = [rng.standard_normal((4, 2)), rng.standard_normal((1, 3)),
+           rng.standard_normal((4, 3)).astype(np.int8), rng.standard_normal(3)]
+    for x in bad:
+        with pytest.raises((ValueError, TypeError)):
+            bn(x)
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, state[k])
+
+
+def test_backward_before_forward():
+    with pytest.raises(RuntimeError, match="forward"):
+        numbn.BatchNorm(3).backward(np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("shape,axis", [((6, 3, 4, 4), 1), ((6, 4, 4, 3), -1)])
+def test_nan_confined_to_channel(backend, bad, shape, axis, rng):
+    x = rng.standard_normal(shape)
+    idx = [2, 1, 1, 1]
+    idx[axis] = 1
+    x[tuple(idx)] = bad
+    c = shape[axis]
+    rm, rv = np.zeros(c), np.ones(c)
+    y = numbn.batch_norm(x, rm, rv, training=True, axis=axis, backend=backend)
+    yc = np.moveaxis(y, axis, 0)
+    assert not np.isfinite(yc[1]).all()
+    assert np.isfinite(yc[[0, 2]]).all()
+    assert np.isfinite(rm[[0, 2]]).all() and not np.isfinite(rm[1])
+    _, mean, invstd = numbn.batch_norm_forward(x, axis=axis, backend=backend)
+    dx, dw, db = numbn.batch_norm_backward(np.ones_like(x), x, mean, invstd, np.ones(c),
+                                           axis=axis, backend=backend)
+    dxc = np.moveaxis(dx, axis, 0)
+    assert np.isfinite(dxc[[0, 2]]).all() and not np.isfinite(dxc[1]).all()
+    # NaN gradients propagate in plain BatchNorm (no activation masks them).
+    dy = np.ones_like(x)
+    dy[tuple(idx)] = np.nan
+    dx, dw, db = numbn.batch_norm_backward(dy, x, np.zeros(c), np.ones(c), np.ones(c),
+                                           training=False, axis=axis, backend=backend)
+    assert np.isnan(dx[tuple(idx)]) and np.isnan(db[1]) and np.isfinite(db[[0, 2]]).all()

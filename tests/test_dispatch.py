@@ -1,0 +1,121 @@
+"""Backend choice: names, defaults, the environment variable, device arrays,
+and that importing numbn touches no GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import numbn
+from numbn import _dispatch
+
+
+def test_available_backends():
+    names = numbn.available_backends()
+    assert names[0] == "cpu" and names[-1] == "numpy"
+    assert set(names) <= {"cpu", "cuda", "numpy"}
+
+
+def test_set_backend_and_context_manager(rng):
+    assert numbn.get_backend() == "auto"
+    with numbn.set_backend("numpy"):
+        assert numbn.get_backend() == "numpy"
+        with numbn.set_backend("cpu"):
+            assert numbn.get_backend() == "cpu"
+        assert numbn.get_backend() == "numpy"
+    assert numbn.get_backend() == "auto"
+    numbn.set_backend("numpy")
+    try:
+        assert numbn.get_backend() == "numpy"
+    finally:
+        numbn.set_backend("auto")
+
+
+def test_set_backend_rejects_unknown():
+    with pytest.raises(ValueError, match="unknown backend"):
+        numbn.set_backend("gpu")
+
+
+def test_backend_used_is_the_one_asked(monkeypatch, rng):
+    calls = []
+    from numbn import _reference
+
+    real = _reference.forward_train
+    monkeypatch.setattr(_reference, "forward_train", lambda *a: calls.append(1) or real(*a))
+    x = rng.standard_normal((4, 3))
+    numbn.batch_norm_forward(x, backend="cpu")
+    assert calls == []
+    with numbn.set_backend("numpy"):
+        numbn.batch_norm_forward(x)
+    assert calls == [1]
+
+
+def _run(code, **env):
+    full = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full, timeout=300)
+
+
+def test_environment_variable():
+    r = _run("import numbn; print(numbn.get_backend())", NUMBN_BACKEND="numpy")
+    assert r.stdout.strip() == "numpy", r.stderr
+
+
+def test_environment_variable_unknown_is_an_error():
+    r = _run("import numbn", NUMBN_BACKEND="quantum")
+    assert r.returncode != 0 and "unknown backend" in r.stderr
+
+
+def test_import_touches_no_gpu_and_compiles_nothing():
+    r = _run("import sys, numbn; print(sorted(m for m in sys.modules "
+             "if m.startswith(('numba.cuda', 'numbn._cuda', 'cupy', 'torch', 'mpi4py'))))")
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_cuda_unavailable_is_a_clear_error(monkeypatch, rng):
+    monkeypatch.setattr(_dispatch, "cuda_unavailable_reason", lambda: "no CUDA GPU was found")
+    assert "cuda" not in numbn.available_backends()
+    with pytest.raises(numbn.BackendUnavailableError, match="no CUDA GPU was found"):
+        numbn.batch_norm_forward(rng.standard_normal((4, 3)), backend="cuda")
+    assert issubclass(numbn.BackendUnavailableError, RuntimeError)
+
+
+class _FakeDeviceArray:
+    """Carries the CUDA array interface, as CuPy and numba device arrays do."""
+
+    shape = (4, 3)
+    dtype = np.dtype(np.float32)
+    __cuda_array_interface__ = {"shape": (4, 3), "typestr": "<f4", "data": (0, False),
+                                "version": 3}
+
+
+class _FakeDLPack:
+    shape = (4, 3)
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, device_type):
+        self._device = device_type
+
+    def __dlpack_device__(self):
+        return (self._device, 0)
+
+
+def test_device_arrays_are_recognised(monkeypatch):
+    assert _dispatch.is_device_array(_FakeDeviceArray())
+    assert _dispatch.is_device_array(_FakeDLPack(2))
+    assert not _dispatch.is_device_array(_FakeDLPack(1))  # kDLCPU
+    assert not _dispatch.is_device_array(np.ones(3))
+    monkeypatch.setattr(_dispatch, "cuda_unavailable_reason", lambda: None)
+    assert _dispatch.resolve("auto", _FakeDeviceArray()) == "cuda"
+    assert _dispatch.resolve("auto", np.ones((2, 2))) == "cpu"
+    with pytest.raises(TypeError, match="device array"):
+        _dispatch.resolve("cpu", _FakeDeviceArray())
+
+
+def test_unsupported_array_type():
+    with pytest.raises(TypeError, match="NumPy array"):
+        numbn.batch_norm_forward([[1.0, 2.0], [3.0, 4.0]])
