@@ -16,7 +16,8 @@ layout (channels-last in, channels-last out).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -41,6 +42,19 @@ class Plan:
     axis: int
     outer_axes: tuple
     inner_axes: tuple
+    #: Axes of the array in the plan's order (size-1 axes first).
+    order: tuple = field(init=False, repr=False, compare=False)
+    #: ``(outer, C, inner)``.
+    dims: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        used = set(self.outer_axes) | set(self.inner_axes) | {self.axis}
+        rest = tuple(a for a in range(len(self.shape)) if a not in used)
+        object.__setattr__(self, "order", rest + self.outer_axes + (self.axis,)
+                           + self.inner_axes)
+        object.__setattr__(self, "dims", (
+            math.prod(self.shape[a] for a in self.outer_axes), self.shape[self.axis],
+            math.prod(self.shape[a] for a in self.inner_axes)))
 
     @classmethod
     def of(cls, x: np.ndarray, axis: int) -> "Plan":
@@ -59,19 +73,6 @@ class Plan:
         if len(runs) == 1 and abs(strides[runs[0][-1]]) > channel_stride:
             return cls(shape, axis, tuple(runs[0]), ())
         return cls(shape, axis, (), tuple(runs[0]) if runs else ())
-
-    @property
-    def order(self) -> tuple:
-        """Axes of the array in the plan's order (size-1 axes first)."""
-        used = set(self.outer_axes) | set(self.inner_axes) | {self.axis}
-        rest = tuple(a for a in range(len(self.shape)) if a not in used)
-        return rest + self.outer_axes + (self.axis,) + self.inner_axes
-
-    @property
-    def dims(self) -> tuple[int, int, int]:
-        outer = int(np.prod([self.shape[a] for a in self.outer_axes], dtype=np.int64))
-        inner = int(np.prod([self.shape[a] for a in self.inner_axes], dtype=np.int64))
-        return outer, self.shape[self.axis], inner
 
     def view(self, a: np.ndarray) -> np.ndarray | None:
         """``a`` as ``(outer, C, inner)`` without a copy, or None if impossible."""

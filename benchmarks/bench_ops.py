@@ -1,0 +1,120 @@
+"""The full matrix: forward-train, eval, backward and a layer step, for every
+backend x dtype x layout x size, with effective bandwidth beside the times."""
+
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+
+import numbn
+from numbn._bench import _parallel_copy
+
+from ._common import BACKENDS, DTYPES, LAYOUTS, SIZES, check_forward, make_input, require
+
+
+class Ops:
+    params = (list(BACKENDS), list(DTYPES), list(LAYOUTS), list(SIZES))
+    param_names = ["backend", "dtype", "layout", "size"]
+    timeout = 300
+
+    def setup(self, backend, dtype, layout, size):
+        require(backend)
+        if backend == "numpy" and size == "large":
+            raise NotImplementedError("the float64 reference is not timed at the large size")
+        self.x, self.axis = make_input(size, layout, dtype)
+        c = self.x.shape[self.axis]
+        self.backend = backend
+        self.w, self.b = np.ones(c, np.float32), np.zeros(c, np.float32)
+        self.rm, self.rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+        self.dy = make_input(size, layout, dtype, seed=1)[0]
+        y, self.mean, self.invstd = numbn.batch_norm_forward(self.x, self.w, self.b,
+                                                             axis=self.axis, backend=backend)
+        check_forward(self.x, self.axis, y, dtype)  # also compiles the kernels
+        self.bn = numbn.BatchNorm(c, axis=self.axis, backend=backend)
+        self.time_eval(backend, dtype, layout, size)
+        self.time_backward(backend, dtype, layout, size)
+        self.time_layer_step(backend, dtype, layout, size)
+
+    def time_forward_train(self, *params):
+        numbn.batch_norm(self.x, self.rm, self.rv, self.w, self.b, True, axis=self.axis,
+                         backend=self.backend)
+
+    def time_eval(self, *params):
+        numbn.batch_norm(self.x, self.rm, self.rv, self.w, self.b, False, axis=self.axis,
+                         backend=self.backend)
+
+    def time_backward(self, *params):
+        numbn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w,
+                                  axis=self.axis, backend=self.backend)
+
+    def time_layer_step(self, *params):
+        self.bn(self.x)
+        self.bn.backward(self.dy)
+
+
+def _median_seconds(f, repeat=7):
+    f()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+class Bandwidth:
+    """Effective GB/s (compulsory bytes over time) and its fraction of a
+    parallel copy of the same bytes, float32 on the CPU backend."""
+
+    params = (["forward_train", "eval", "backward"], list(LAYOUTS), ["medium", "large"])
+    param_names = ["op", "layout", "size"]
+    unit = "GB/s"
+
+    def setup(self, op, layout, size):
+        self.x, axis = make_input(size, layout, "float32")
+        c = self.x.shape[axis]
+        w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+        rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+        dy = make_input(size, layout, "float32", seed=1)[0]
+        _, mean, invstd = numbn.batch_norm_forward(self.x, w, b, axis=axis)
+        self.call, self.nbytes = {
+            "forward_train": (lambda: numbn.batch_norm(self.x, rm, rv, w, b, True, axis=axis),
+                              2 * self.x.nbytes),
+            "eval": (lambda: numbn.batch_norm(self.x, rm, rv, w, b, False, axis=axis),
+                     2 * self.x.nbytes),
+            "backward": (lambda: numbn.batch_norm_backward(dy, self.x, mean, invstd, w,
+                                                           axis=axis), 3 * self.x.nbytes),
+        }[op]
+        src = np.ascontiguousarray(self.x).reshape(-1)
+        dst = np.empty_like(src)
+        n = numba.get_num_threads()
+        self.copy = lambda: _parallel_copy(src, dst, n)
+
+    def track_gbps(self, *params):
+        return self.nbytes / _median_seconds(self.call) / 1e9
+
+    def track_fraction_of_copy(self, *params):
+        copy_gbps = 2 * self.x.nbytes / _median_seconds(self.copy) / 1e9
+        return self.track_gbps() / copy_gbps
+
+    track_fraction_of_copy.unit = "fraction"
+
+
+class CopyBandwidth:
+    """The floor every kernel is measured against."""
+
+    params = [list(SIZES)]
+    param_names = ["size"]
+    unit = "GB/s"
+
+    def setup(self, size):
+        self.src = np.ones(int(np.prod(SIZES[size])), np.float32)
+        self.dst = np.empty_like(self.src)
+        _parallel_copy(self.src, self.dst, numba.get_num_threads())
+
+    def track_copy_gbps(self, size):
+        n = numba.get_num_threads()
+        return 2 * self.src.nbytes / _median_seconds(
+            lambda: _parallel_copy(self.src, self.dst, n)) / 1e9

@@ -1,0 +1,98 @@
+"""The ``numbn`` command line: ``numbn info``, ``numbn bench``, ``numbn check``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import numpy as np
+
+
+def _info(args) -> int:
+    import numba
+
+    import numbn
+    from numbn import _cpu, _dispatch
+
+    print(f"numbn   {numbn.__version__}")
+    print(f"numba   {numba.__version__}")
+    print(f"numpy   {np.__version__}")
+    print(f"python  {platform.python_version()} ({platform.machine()})")
+    print("backends:")
+    for name in _dispatch.BACKENDS:
+        reason = _dispatch.cuda_unavailable_reason() if name == "cuda" else None
+        print(f"  {name:<6} {'available' if reason is None else 'unavailable: ' + reason}")
+    _cpu.stats(np.zeros((2, 1, 1), np.float32))  # the threading layer exists after a launch
+    print(f"threads {numba.get_num_threads()} (threading layer: {numba.threading_layer()})")
+    try:
+        from numbn import _cuda
+
+        gpu = _cuda.describe()
+    except ImportError as exc:
+        gpu = f"none (numba-cuda not importable: {exc})"
+    print(f"GPU     {gpu}")
+    return 0
+
+
+def _bench(args) -> int:
+    from numbn import _bench
+
+    rows = _bench.run(backends=args.backend, quick=args.quick, repeat=args.repeat,
+                      peers=not args.no_torch, progress=not args.no_progress)
+    print(_bench.table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_bench.to_json(rows), f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        _bench.plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _check(args) -> int:
+    from numbn import _check
+
+    rng = np.random.default_rng(args.seed)
+    results = list(_check.run_cases(args.backend, rng))
+    try:
+        from numbn._tool_checks import tool_checks
+    except ImportError:
+        pass
+    else:
+        results += [(f"tools {name}", ok, detail) for name, ok, detail in tool_checks(rng)]
+    failed = 0
+    for name, ok, detail in results:
+        failed += not ok
+        if args.verbose or not ok:
+            print(f"{'PASS' if ok else 'FAIL'}  {name}  {detail}")
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="numbn", description="Batch Normalization for "
+                                     "NumPy: Numba CPU and CUDA kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, backends, threads, GPU")
+    b = sub.add_parser("bench", help="time every backend beside PyTorch")
+    b.add_argument("--quick", action="store_true", help="smaller batches, fewer runs")
+    b.add_argument("--repeat", type=int, help="runs per measurement (median)")
+    b.add_argument("--backend", action="append", choices=["cpu", "cuda", "numpy"],
+                   help="only this backend (repeatable); default: all available")
+    b.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.add_argument("--plot", metavar="FILE.png", help="draw GB/s against copy bandwidth")
+    c = sub.add_parser("check", help="every backend against the reference")
+    c.add_argument("--backend", action="append", choices=["cpu", "cuda", "numpy"])
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("-v", "--verbose", action="store_true", help="print every case")
+    args = parser.parse_args(argv)
+    return {"info": _info, "bench": _bench, "check": _check}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

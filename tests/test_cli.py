@@ -1,0 +1,58 @@
+"""The command line's three subcommands, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _numbn(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "numbn", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_info():
+    r = _numbn("info")
+    assert r.returncode == 0, r.stderr
+    for word in ("numbn", "numba", "numpy", "cpu", "cuda", "threads", "threading layer", "GPU"):
+        assert word in r.stdout
+    assert "cpu    available" in r.stdout
+
+
+def test_check_passes():
+    r = _numbn("check", "--backend", "cpu", "--backend", "numpy")
+    assert r.returncode == 0, r.stdout + r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.endswith(" 0 failed") and int(last.split()[0]) > 50
+
+
+def test_check_fails_on_a_wrong_kernel(tmp_path):
+    # A deliberately broken backend must make `numbn check` fail (exit 1).
+    script = tmp_path / "broken.py"
+    script.write_text(
+        "import sys, numpy as np\n"
+        "import numbn._cpu as cpu\n"
+        "real = cpu.stats\n"
+        "cpu.stats = lambda x3: tuple(v * 1.01 for v in real(x3))\n"
+        "from numbn.__main__ import main\n"
+        "sys.exit(main(['check', '--backend', 'cpu']))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 1 and "FAIL" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_quick_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = _numbn("bench", "--quick", "--repeat", "2", "--no-progress", "--backend", "cpu",
+               "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "compiling kernels" in r.stdout and "of copy" in r.stdout
+    data = json.loads(out.read_text())
+    ops = {(row["layout"], tuple(row["shape"]), row["op"]) for row in data["rows"]
+           if row["backend"] == "cpu"}
+    assert len(ops) == 7 * 3
+    assert all(row["ms"] > 0 and row["gbps"] > 0 for row in data["rows"])
