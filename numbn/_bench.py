@@ -168,7 +168,9 @@ def run(backends=None, quick=False, repeat=None, peers=True, progress=True, say=
         flat = x.reshape(-1)
         dst = np.empty_like(flat)
         nthreads = numba.get_num_threads()
-        copy = lambda: _parallel_copy(flat, dst, nthreads)  # noqa: E731
+        def copy(flat=flat, dst=dst, nthreads=nthreads):
+            _parallel_copy(flat, dst, nthreads)
+
         for op in OPS:
             funcs = [calls[b][op] for b in backends] + ([peer[op]] if peer else []) + [copy]
             for f in funcs:

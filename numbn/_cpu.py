@@ -20,12 +20,13 @@ two-pass formula (the second pass hits the cache) and merges blocks and tasks
 with Chan's formula, so there is no E[x^2] - E[x]^2 cancellation
 (pinned by ``tests/test_numerics.py::test_large_mean_small_std``).
 
-Arithmetic is float64 for every input dtype: accumulators, and the affine maps
-too, and the affine maps subtract the mean first: ``x * scale + shift`` loses
-the normalised signal when the mean is large beside the standard deviation
-(same test), and ``(x - m) * a + t`` is exactly ``t`` where ``x == m``, which
-makes the fused ReLU's boundary exact (``tests/test_activation.py``). NumPy has no
-float16 in Numba, so float16 input is converted to float32 around the kernels.
+Arithmetic runs in the input's dtype (float32 for float16 and float32 input:
+twice float64's SIMD width; this machine's kernels are compute-bound), with
+float64 wherever precision is at stake: chunk sums go to float64 every
+``_config.CPU_BLOCK`` elements, and per-channel coefficients are prepared in
+float64 on the host, the mean's rounding to float32 folded into the shift
+(``_in_dtype``). NumPy has no float16 in Numba, so float16 input is converted
+to float32 around the kernels.
 
 ``fastmath`` is limited to ``reassoc`` and ``contract``: reassociation lets
 LLVM vectorise the reductions (a different summation order, as accurate), and
@@ -166,8 +167,8 @@ def _merge_partials(pn, pmean, pm2, mean, var):
 @njit(inline="always")
 def _bn(xv, m, a, t, lo):
     """``(x - m) * a + t`` clipped below at ``lo`` (0 for the fused ReLU,
-    -inf otherwise); NaN passes through."""
-    v = (np.float64(xv) - m) * a + t
+    -inf otherwise); NaN passes through. Everything in x's dtype."""
+    v = (xv - m) * a + t
     return lo if v < lo else v
 
 
@@ -177,7 +178,7 @@ def _gate(g, xv, m, a, t, relu, zero):
     the boundary ``(x - m) * a + t == 0`` (and for NaN), as torch's
     ``threshold_backward``. The test is the forward's own expression, so the
     mask matches the forward; ``relu`` is loop-invariant and LLVM unswitches it."""
-    if relu and not ((np.float64(xv) - m) * a + t > 0.0):
+    if relu and not ((xv - m) * a + t > 0.0):
         return zero
     return g
 
@@ -211,7 +212,7 @@ def _affine_rows(x, m, a, t, lo, y, nsplit):
 
 
 @njit(**_FLAGS)
-def _sums_channel_major(dy, x, m, mx, a, t, relu, nsplit, block, zero, psum, pdot):
+def _sums_channel_major(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot):
     outer, C, inner = x.shape
     total = outer * inner
     for task in prange(C * nsplit):
@@ -219,7 +220,7 @@ def _sums_channel_major(dy, x, m, mx, a, t, relu, nsplit, block, zero, psum, pdo
         s = task - c * nsplit
         f0 = s * total // nsplit
         f1 = (s + 1) * total // nsplit
-        mc, mxc, ac, tc = m[c], mx[c], a[c], t[c]
+        mc, ac, tc = m[c], a[c], t[c]
         acc_g = 0.0
         acc_gx = 0.0
         for o in range(f0 // inner, (f1 + inner - 1) // inner):
@@ -234,7 +235,7 @@ def _sums_channel_major(dy, x, m, mx, a, t, relu, nsplit, block, zero, psum, pdo
                 for i in range(b1 - b0):
                     g = _gate(gr[i], xr[i], mc, ac, tc, relu, zero)
                     sg += g
-                    sgx += g * (xr[i] - mxc)
+                    sgx += g * (xr[i] - mc)
                 acc_g += np.float64(sg)
                 acc_gx += np.float64(sgx)
         psum[c, s] = acc_g
@@ -242,7 +243,7 @@ def _sums_channel_major(dy, x, m, mx, a, t, relu, nsplit, block, zero, psum, pdo
 
 
 @njit(**_FLAGS)
-def _sums_rows(dy, x, m, mx, a, t, relu, nsplit, block_rows, zero, acc, psum, pdot):
+def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, acc, psum, pdot):
     R, C = x.shape
     for s in prange(nsplit):
         sg = acc[s, 0]
@@ -261,7 +262,7 @@ def _sums_rows(dy, x, m, mx, a, t, relu, nsplit, block_rows, zero, acc, psum, pd
                 for c in range(C):
                     g = _gate(gr[c], xr[c], m[c], a[c], t[c], relu, zero)
                     sg[c] += g
-                    sgx[c] += g * (xr[c] - mx[c])
+                    sgx[c] += g * (xr[c] - m[c])
             for c in range(C):
                 psum[c, s] += np.float64(sg[c])
                 pdot[c, s] += np.float64(sgx[c])
@@ -281,9 +282,10 @@ def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit):
         gr = dy[o, c, i0:i1]
         dr = dx[o, c, i0:i1]
         mc, ac, tc, bc, dc = m[c], a[c], t[c], b[c], d[c]
+        zero = mc - mc
         for i in range(i1 - i0):
-            g = _gate(np.float64(gr[i]), xr[i], mc, ac, tc, relu, 0.0)
-            dr[i] = g * ac + (np.float64(xr[i]) - mc) * bc + dc
+            g = _gate(gr[i], xr[i], mc, ac, tc, relu, zero)
+            dr[i] = g * ac + (xr[i] - mc) * bc + dc
 
 
 @njit(**_FLAGS)
@@ -295,8 +297,8 @@ def _apply_rows(dy, x, m, a, t, relu, b, d, dx, nsplit):
             gr = dy[o]
             dr = dx[o]
             for c in range(C):
-                g = _gate(np.float64(gr[c]), xr[c], m[c], a[c], t[c], relu, 0.0)
-                dr[c] = g * a[c] + (np.float64(xr[c]) - m[c]) * b[c] + d[c]
+                g = _gate(gr[c], xr[c], m[c], a[c], t[c], relu, m[c] - m[c])
+                dr[c] = g * a[c] + (xr[c] - m[c]) * b[c] + d[c]
 
 
 # Host-side drivers ---------------------------------------------------------
@@ -331,8 +333,28 @@ def _zero(x3):
     return x3.dtype.type(0)
 
 
-def _lo(relu: bool) -> float:
-    return 0.0 if relu else -np.inf
+def _lo(relu: bool, dtype):
+    return dtype.type(0.0 if relu else -np.inf)
+
+
+def _in_dtype(dtype, m, a, t, *more):
+    """The per-channel coefficients in the kernels' arithmetic dtype.
+
+    The kernels compute ``(x - m) * a + t`` in x's dtype (float32 for float32
+    input: twice the SIMD width). ``m`` is rounded to that dtype, and ``t`` (and
+    the backward's ``d``) absorb the rounding, ``t - (m - m_rounded) * a``:
+    ``x - m_rounded`` is exact for x near the mean (Sterbenz), so a mean of 1e4
+    with a standard deviation of 1e-2 still normalises to float32 accuracy
+    (tests/test_numerics.py), and ``x == m`` still gives exactly ``t`` at the
+    fused ReLU's boundary (tests/test_activation.py).
+    """
+    mr = m.astype(dtype)
+    shift = m - mr.astype(np.float64)
+    out = [mr, a.astype(dtype), (t - shift * a).astype(dtype)]
+    if more:
+        b, d = more
+        out += [b.astype(dtype), (d - shift * b).astype(dtype)]
+    return out
 
 
 def _block_rows(C: int) -> int:
@@ -372,11 +394,13 @@ def _isplit(x3) -> int:
 def normalize(x3, m, a, t, relu, y3) -> None:
     """``y3 = (x3 - m[c]) * a[c] + t[c]``, then ReLU if ``relu`` (vectors float64)."""
     x3, target = _f32(x3), _writer(y3)
+    m, a, t = _in_dtype(x3.dtype, m, a, t)
+    lo = _lo(relu, x3.dtype)
     x2 = _rows(x3)
     if x2 is None:
-        _affine_channel_major(x3, m, a, t, _lo(relu), target, _isplit(x3))
+        _affine_channel_major(x3, m, a, t, lo, target, _isplit(x3))
     else:
-        _affine_rows(x2, m, a, t, _lo(relu), target[:, :, 0], _tasks(x3.size, x2.shape[0]))
+        _affine_rows(x2, m, a, t, lo, target[:, :, 0], _tasks(x3.size, x2.shape[0]))
     if target is not y3:
         y3[...] = target
 
@@ -388,18 +412,19 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
     outer, C, inner = x3.shape
     # The kernels subtract m rounded to x's dtype (so float32 input keeps
     # float32 SIMD); sum(g * (x - m)) is corrected for that rounding below.
-    mx = m.astype(x3.dtype)
+    # The ReLU gate uses the forward's own coefficients, so the masks agree.
+    mx, a, t = _in_dtype(x3.dtype, m, a, t)
     x2 = _rows(x3)
     if x2 is None:
         nsplit = _per_channel(x3)
         psum, pdot = np.empty((C, nsplit)), np.empty((C, nsplit))
-        _sums_channel_major(dy3, x3, m, mx, a, t, relu, nsplit, _config.CPU_BLOCK,
+        _sums_channel_major(dy3, x3, mx, a, t, relu, nsplit, _config.CPU_BLOCK,
                             _zero(x3), psum, pdot)
     else:
         nsplit = _tasks(x3.size, outer)
         psum, pdot = np.empty((C, nsplit)), np.empty((C, nsplit))
         acc = np.empty((nsplit, 2, C), x3.dtype)
-        _sums_rows(dy3[:, :, 0], x2, m, mx, a, t, relu, nsplit, _block_rows(C), _zero(x3),
+        _sums_rows(dy3[:, :, 0], x2, mx, a, t, relu, nsplit, _block_rows(C), _zero(x3),
                    acc, psum, pdot)
     sum_g = psum.sum(axis=1)
     return sum_g, pdot.sum(axis=1) - (m - mx.astype(np.float64)) * sum_g
@@ -409,6 +434,7 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
     """``dx3 = g * a[c] + (x3 - m[c]) * b[c] + d[c]`` with ``g`` as in
     :func:`backward_sums`."""
     dy3, x3, target = _f32(dy3), _f32(x3), _writer(dx3)
+    m, a, t, b, d = _in_dtype(x3.dtype, m, a, t, b, d)
     x2 = _rows(x3)
     if x2 is None:
         _apply_channel_major(dy3, x3, m, a, t, relu, b, d, target, _isplit(x3))

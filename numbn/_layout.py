@@ -57,7 +57,7 @@ class Plan:
             math.prod(self.shape[a] for a in self.inner_axes)))
 
     @classmethod
-    def of(cls, x: np.ndarray, axis: int) -> "Plan":
+    def of(cls, x: np.ndarray, axis: int) -> Plan:
         shape, strides = x.shape, x.strides
         others = [a for a in range(x.ndim) if a != axis and shape[a] != 1]
         others.sort(key=lambda a: -abs(strides[a]))
