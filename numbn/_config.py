@@ -16,6 +16,11 @@ CPU_BLOCK = 4096
 #: fitting in a core's L2 cache for the second pass.
 CPU_ROWS_BLOCK = 32768
 
+#: Largest channel slab (bytes of x per channel) that the fused kernels take
+#: in one task: statistics, then normalisation while the slab is still in the
+#: core's cache (L2 is 1 MiB per core on the machine this was tuned on).
+CPU_FUSED_MAX_SLAB_BYTES = 512 * 1024
+
 #: Smallest number of elements worth giving a thread of its own.
 CPU_MIN_TASK = 16384
 

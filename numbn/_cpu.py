@@ -301,6 +301,88 @@ def _apply_rows(dy, x, m, a, t, relu, b, d, dx, nsplit):
                 dr[c] = g * a[c] + (xr[c] - m[c]) * b[c] + d[c]
 
 
+@njit(inline="always")
+def _cast(cell, k, value):
+    """``value`` rounded to the dtype of ``cell`` (x's dtype)."""
+    cell[k] = value
+    return cell[k]
+
+
+@njit(**_FLAGS)
+def _train_fused(x, w, b, eps, lo, block, zero, cells, y, mean_out, var_out):
+    """Training forward with one task per channel, for channels whose slab
+    fits in a core's cache: statistics, then normalisation while the slab is
+    still cached, so x crosses memory once (2|x| of traffic, not 3|x|)."""
+    outer, C, inner = x.shape
+    for c in prange(C):
+        cell = cells[c]
+        n, mean, m2 = 0.0, 0.0, 0.0
+        for o in range(outer):
+            for b0 in range(0, inner, block):
+                nb, mb, m2b = _chunk_moments(x[o, c, b0:min(b0 + block, inner)], zero,
+                                             cell[0:1])
+                n, mean, m2 = _chan_merge(n, mean, m2, nb, mb, m2b)
+        var = m2 / n
+        mean_out[c] = mean
+        var_out[c] = var
+        a = w[c] / np.sqrt(var + eps)
+        mr = _cast(cell, 1, mean)
+        ar = _cast(cell, 2, a)
+        tr = _cast(cell, 3, b[c] - (mean - np.float64(mr)) * a)  # as _in_dtype
+        for o in range(outer):
+            xr = x[o, c]
+            yr = y[o, c]
+            for i in range(inner):
+                yr[i] = _bn(xr[i], mr, ar, tr, lo)
+
+
+@njit(**_FLAGS)
+def _backward_fused(dy, x, m, a, t, relu, inv, training, block, zero, cells, dx,
+                    sum_g_out, sum_gx_out):
+    """Backward with one task per channel, for cache-sized channel slabs:
+    the sums, then dx while x and dy are still cached (3|x| of traffic)."""
+    outer, C, inner = x.shape
+    n = np.float64(outer * inner)
+    for c in prange(C):
+        cell = cells[c]
+        mc = m[c]
+        mr = _cast(cell, 0, mc)
+        ar = _cast(cell, 1, a[c])
+        shift = mc - np.float64(mr)
+        tr = _cast(cell, 2, t[c] - shift * a[c])
+        acc_g = 0.0
+        acc_gx = 0.0
+        for o in range(outer):
+            for b0 in range(0, inner, block):
+                b1 = min(b0 + block, inner)
+                xr = x[o, c, b0:b1]
+                gr = dy[o, c, b0:b1]
+                sg = zero
+                sgx = zero
+                for i in range(b1 - b0):
+                    g = _gate(gr[i], xr[i], mr, ar, tr, relu, zero)
+                    sg += g
+                    sgx += g * (xr[i] - mr)
+                acc_g += np.float64(sg)
+                acc_gx += np.float64(sgx)
+        acc_gx -= shift * acc_g
+        sum_g_out[c] = acc_g
+        sum_gx_out[c] = acc_gx
+        bc, dc = 0.0, 0.0
+        if training:
+            bc = -a[c] * inv[c] * inv[c] * acc_gx / n
+            dc = -a[c] * acc_g / n
+        br = _cast(cell, 3, bc)
+        dr_ = _cast(cell, 4, dc - shift * bc)
+        for o in range(outer):
+            xr = x[o, c]
+            gr = dy[o, c]
+            dxr = dx[o, c]
+            for i in range(inner):
+                g = _gate(gr[i], xr[i], mr, ar, tr, relu, zero)
+                dxr[i] = g * ar + (xr[i] - mr) * br + dr_
+
+
 # Host-side drivers ---------------------------------------------------------
 
 
@@ -443,3 +525,39 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
                     _tasks(x3.size, x2.shape[0]))
     if target is not dx3:
         dx3[...] = target
+
+
+def _fusable(x3) -> bool:
+    """One task per channel pays when the channel's slab fits in a core's
+    cache and there are channels enough for every thread."""
+    outer, C, inner = x3.shape
+    slab = outer * inner * x3.itemsize
+    return (inner > 1 and C >= 2 * numba.get_num_threads()
+            and slab <= _config.CPU_FUSED_MAX_SLAB_BYTES and x3.flags.c_contiguous)
+
+
+def train_fused(x3, w, b, eps, relu, y3):
+    """Cache-blocked training forward: ``(mean, var)``, or None when this
+    input is better served by :func:`stats` then :func:`normalize`."""
+    x3 = _f32(x3)
+    if not _fusable(x3) or y3.dtype != x3.dtype:
+        return None
+    C = x3.shape[1]
+    mean, var = np.empty(C), np.empty(C)
+    _train_fused(x3, w, b, float(eps), _lo(relu, x3.dtype), _config.CPU_BLOCK, _zero(x3),
+                 np.empty((C, 4), x3.dtype), y3, mean, var)
+    return mean, var
+
+
+def backward_fused(dy3, x3, m, a, t, relu, inv, training, dx3):
+    """Cache-blocked backward: ``(sum_g, sum_gx)`` with ``dx3`` written, or
+    None when this input is better served by the two-pass kernels.
+    ``inv`` is the invstd the training coefficients need."""
+    dy3, x3 = _f32(dy3), _f32(x3)
+    if not _fusable(x3) or dx3.dtype != x3.dtype or not dy3.flags.c_contiguous:
+        return None
+    C = x3.shape[1]
+    sum_g, sum_gx = np.empty(C), np.empty(C)
+    _backward_fused(dy3, x3, m, a, t, relu, inv, training, _config.CPU_BLOCK, _zero(x3),
+                    np.empty((C, 5), x3.dtype), dx3, sum_g, sum_gx)
+    return sum_g, sum_gx

@@ -43,8 +43,11 @@ class _Host:
         return plan.dense(a)
 
     @staticmethod
-    def output(plan: Plan, dtype, out=None):
-        """``(full, view3)`` to write into; ``full`` is ``out`` when it has a view."""
+    def output(plan: Plan, dtype, out=None, like=None):
+        """``(full, view3)`` to write into; ``full`` is ``out`` when it has a view.
+
+        ``like`` (the input) lets a device engine allocate the caller's kind.
+        """
         if out is not None:
             v = plan.view(out)
             if v is not None:
@@ -110,16 +113,22 @@ def _train(x, weight, bias, eps, axis, backend, out, relu, combine=None):
                                  "relu" if relu else None)
         return _fill(y, x, out), mean, var, count
     eng = _engine(name)
+    kern = eng.kernels()
     xa = eng.adopt(x)
     plan = Plan.of(xa, axis)
     x3 = eng.canonical(xa, plan)
-    mean, var = eng.kernels().stats(x3)
+    w, b = _ones(eng.host(weight), c), _zeros(eng.host(bias), c)
+    full, y3 = eng.output(plan, _checks.dtype_of(x), out, like=x)
     count = x3.shape[0] * x3.shape[2]
+    fused = getattr(kern, "train_fused", None)
+    if combine is None and fused is not None:
+        stats = fused(x3, w, b, eps, relu, y3)
+        if stats is not None:
+            return eng.finish(full, out, x), stats[0], stats[1], count
+    mean, var = kern.stats(x3)
     if combine is not None:
         mean, var, count = combine(mean, var, count)
-    scale = _ones(eng.host(weight), c) / np.sqrt(var + eps)
-    full, y3 = eng.output(plan, _checks.dtype_of(x), out)
-    eng.kernels().normalize(x3, mean, scale, _zeros(eng.host(bias), c), relu, y3)
+    kern.normalize(x3, mean, w / np.sqrt(var + eps), b, relu, y3)
     return eng.finish(full, out, x), mean, var, count
 
 
@@ -137,7 +146,7 @@ def _infer(x, mean, var, weight, bias, eps, axis, backend, out, relu):
     plan = Plan.of(xa, axis)
     x3 = eng.canonical(xa, plan)
     scale = _ones(eng.host(weight), c) / np.sqrt(eng.host(var) + eps)
-    full, y3 = eng.output(plan, _checks.dtype_of(x), out)
+    full, y3 = eng.output(plan, _checks.dtype_of(x), out, like=x)
     eng.kernels().normalize(x3, eng.host(mean), scale, _zeros(eng.host(bias), c), relu, y3)
     return eng.finish(full, out, x)
 
@@ -236,7 +245,8 @@ def update_running(running_mean, running_var, mean, var, count, factor, *, unbia
     """``r = (1 - factor) * r + factor * batch`` in place, for mean and variance."""
     var = var * (count / (count - 1)) if unbiased else var
     for r, batch in ((running_mean, mean), (running_var, var)):
-        new = _reference.update_running(_Host.host(r), np.asarray(batch, np.float64), factor)
+        held = _Host.host(r) if isinstance(r, np.ndarray) else _engine("cuda").host(r)
+        new = _reference.update_running(held, np.asarray(batch, np.float64), factor)
         if isinstance(r, np.ndarray):
             r[...] = new
         else:
@@ -374,6 +384,12 @@ def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, rel
     a = w * inv
     t = _zeros(eng.host(bias), c)
     kern = eng.kernels()
+    full, dx3 = eng.output(plan, _checks.dtype_of(x), like=x)
+    fused = getattr(kern, "backward_fused", None)
+    if combine is None and fused is not None:
+        sums = fused(dy3, x3, m, a, t, relu, inv, training, dx3)
+        if sums is not None:
+            return eng.finish(full, None, x), sums[1] * inv, sums[0]
     if training or weight is not None or relu:
         sum_g, sum_gx = kern.backward_sums(dy3, x3, m, a, t, relu)
     else:
@@ -386,6 +402,5 @@ def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, rel
         d = -a * glob_g / n
     else:
         b = d = np.zeros(c)
-    full, dx3 = eng.output(plan, _checks.dtype_of(x))
     kern.backward_apply(dy3, x3, m, a, t, relu, b, d, dx3)
     return eng.finish(full, None, x), sum_gx * inv, sum_g

@@ -102,3 +102,14 @@ def tiny_tasks(monkeypatch):
 
 
 HOST_BACKENDS = [b for b in numbn.available_backends() if b != "cuda"]
+
+
+@pytest.fixture(params=["fused", "two-pass"])
+def cpu_path(request, monkeypatch):
+    """Run a test through the cache-blocked fused kernels (every channel
+    small enough) and through the two-pass kernels (fusion off)."""
+    from numbn import _config
+
+    monkeypatch.setattr(_config, "CPU_FUSED_MAX_SLAB_BYTES",
+                        1 << 40 if request.param == "fused" else 0)
+    return request.param

@@ -21,7 +21,7 @@ def _ids(case):
 
 
 @pytest.fixture(params=CASES, ids=[_ids(c) for c in CASES])
-def case(request, rng, tiny_tasks):
+def case(request, rng, tiny_tasks, cpu_path):
     backend, dtype, shape, axis, layout = request.param
     c = shape[axis]
     x = LAYOUTS[layout](make(rng, shape, dtype))
