@@ -21,6 +21,10 @@ CPU_ROWS_BLOCK = 32768
 #: core's cache (L2 is 1 MiB per core on the machine this was tuned on).
 CPU_FUSED_MAX_SLAB_BYTES = 512 * 1024
 
+#: Inputs with fewer elements run the serial twins of the kernels: starting
+#: the threads of a parallel region costs more than such an input's work.
+CPU_PARALLEL_MIN = 32768
+
 #: Smallest number of elements worth giving a thread of its own.
 CPU_MIN_TASK = 16384
 

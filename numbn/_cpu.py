@@ -36,13 +36,36 @@ contraction forms fused multiply-adds. Neither changes NaN or Inf handling
 
 from __future__ import annotations
 
+import types
+
 import numba
 import numpy as np
 from numba import njit, prange
 
 from . import _config
 
-_FLAGS = dict(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+_FASTMATH = {"reassoc", "contract"}
+_FLAGS = dict(parallel=True, cache=True, fastmath=_FASTMATH)
+
+
+class _Kernel:
+    """A ``parallel=True`` kernel and its serial twin, compiled from the same
+    source (``prange`` runs as ``range`` there) so that small inputs do not
+    pay for starting threads. The twin has a qualified name of its own, so the
+    two never share an entry of Numba's on-disk cache."""
+
+    def __init__(self, fn):
+        self.parallel = njit(**_FLAGS)(fn)
+        twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                  fn.__defaults__, fn.__closure__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"
+        twin.__module__ = fn.__module__
+        twin.__doc__ = fn.__doc__
+        self.serial = njit(cache=True, fastmath=_FASTMATH)(twin)
+
+    def on(self, n_elements: int):
+        """The variant for an input of ``n_elements``."""
+        return self.parallel if n_elements >= _config.CPU_PARALLEL_MIN else self.serial
 
 # Loops below index slice views from 0 (``for i in range(n): xr[i]``): a loop
 # whose start is computed keeps Numba's negative-index wraparound check alive
@@ -86,7 +109,7 @@ def _chunk_moments(xr, zero, shift_cell):
     return np.float64(n), np.float64(sh) + mean_dev, np.float64(d2) - np.float64(d1) * mean_dev
 
 
-@njit(**_FLAGS)
+@_Kernel
 def _stats_channel_major(x, nsplit, block, zero, cells, pn, pmean, pm2):
     outer, C, inner = x.shape
     total = outer * inner
@@ -109,7 +132,7 @@ def _stats_channel_major(x, nsplit, block, zero, cells, pn, pmean, pm2):
         pm2[c, s] = m2
 
 
-@njit(**_FLAGS)
+@_Kernel
 def _stats_rows(x, nsplit, block_rows, zero, acc, pn, pmean, pm2):
     """Channels-last statistics of 2-D ``x`` (rows, C), per-task row blocks."""
     R, C = x.shape
@@ -183,7 +206,7 @@ def _gate(g, xv, m, a, t, relu, zero):
     return g
 
 
-@njit(**_FLAGS)
+@_Kernel
 def _affine_channel_major(x, m, a, t, lo, y, isplit):
     outer, C, inner = x.shape
     for task in prange(outer * C * isplit):
@@ -200,7 +223,7 @@ def _affine_channel_major(x, m, a, t, lo, y, isplit):
             yr[i] = _bn(xr[i], mc, ac, tc, lo)
 
 
-@njit(**_FLAGS)
+@_Kernel
 def _affine_rows(x, m, a, t, lo, y, nsplit):
     R, C = x.shape
     for s in prange(nsplit):
@@ -211,7 +234,7 @@ def _affine_rows(x, m, a, t, lo, y, nsplit):
                 yr[c] = _bn(xr[c], m[c], a[c], t[c], lo)
 
 
-@njit(**_FLAGS)
+@_Kernel
 def _sums_channel_major(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot):
     outer, C, inner = x.shape
     total = outer * inner
@@ -242,7 +265,7 @@ def _sums_channel_major(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot):
         pdot[c, s] = acc_gx
 
 
-@njit(**_FLAGS)
+@_Kernel
 def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, acc, psum, pdot):
     R, C = x.shape
     for s in prange(nsplit):
@@ -268,7 +291,7 @@ def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, acc, psum, pdot):
                 pdot[c, s] += np.float64(sgx[c])
 
 
-@njit(**_FLAGS)
+@_Kernel
 def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit):
     outer, C, inner = x.shape
     for task in prange(outer * C * isplit):
@@ -288,7 +311,7 @@ def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit):
             dr[i] = g * ac + (xr[i] - mc) * bc + dc
 
 
-@njit(**_FLAGS)
+@_Kernel
 def _apply_rows(dy, x, m, a, t, relu, b, d, dx, nsplit):
     R, C = x.shape
     for s in prange(nsplit):
@@ -308,7 +331,7 @@ def _cast(cell, k, value):
     return cell[k]
 
 
-@njit(**_FLAGS)
+@_Kernel
 def _train_fused(x, w, b, eps, lo, block, zero, cells, y, mean_out, var_out):
     """Training forward with one task per channel, for channels whose slab
     fits in a core's cache: statistics, then normalisation while the slab is
@@ -336,7 +359,7 @@ def _train_fused(x, w, b, eps, lo, block, zero, cells, y, mean_out, var_out):
                 yr[i] = _bn(xr[i], mr, ar, tr, lo)
 
 
-@njit(**_FLAGS)
+@_Kernel
 def _backward_fused(dy, x, m, a, t, relu, inv, training, block, zero, cells, dx,
                     sum_g_out, sum_gx_out):
     """Backward with one task per channel, for cache-sized channel slabs:
@@ -452,12 +475,14 @@ def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         nsplit = _per_channel(x3)
         pn, pmean, pm2 = (np.empty((C, nsplit)) for _ in range(3))
         cells = np.empty(C * nsplit, x3.dtype)
-        _stats_channel_major(x3, nsplit, _config.CPU_BLOCK, _zero(x3), cells, pn, pmean, pm2)
+        _stats_channel_major.on(x3.size)(x3, nsplit, _config.CPU_BLOCK, _zero(x3), cells,
+                                         pn, pmean, pm2)
     else:
         nsplit = _tasks(x3.size, outer)
         pn, pmean, pm2 = (np.empty((C, nsplit)) for _ in range(3))
         acc = np.empty((nsplit, 4, C), x3.dtype)
-        _stats_rows(x2, nsplit, _block_rows(C), _zero(x3), acc, pn, pmean, pm2)
+        _stats_rows.on(x3.size)(x2, nsplit, _block_rows(C), _zero(x3), acc, pn, pmean,
+                                pm2)
     mean, var = np.empty(C), np.empty(C)
     _merge_partials(pn, pmean, pm2, mean, var)
     return mean, var
@@ -480,9 +505,10 @@ def normalize(x3, m, a, t, relu, y3) -> None:
     lo = _lo(relu, x3.dtype)
     x2 = _rows(x3)
     if x2 is None:
-        _affine_channel_major(x3, m, a, t, lo, target, _isplit(x3))
+        _affine_channel_major.on(x3.size)(x3, m, a, t, lo, target, _isplit(x3))
     else:
-        _affine_rows(x2, m, a, t, lo, target[:, :, 0], _tasks(x3.size, x2.shape[0]))
+        _affine_rows.on(x3.size)(x2, m, a, t, lo, target[:, :, 0],
+                                 _tasks(x3.size, x2.shape[0]))
     if target is not y3:
         y3[...] = target
 
@@ -500,14 +526,14 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
     if x2 is None:
         nsplit = _per_channel(x3)
         psum, pdot = np.empty((C, nsplit)), np.empty((C, nsplit))
-        _sums_channel_major(dy3, x3, mx, a, t, relu, nsplit, _config.CPU_BLOCK,
-                            _zero(x3), psum, pdot)
+        _sums_channel_major.on(x3.size)(dy3, x3, mx, a, t, relu, nsplit, _config.CPU_BLOCK,
+                                        _zero(x3), psum, pdot)
     else:
         nsplit = _tasks(x3.size, outer)
         psum, pdot = np.empty((C, nsplit)), np.empty((C, nsplit))
         acc = np.empty((nsplit, 2, C), x3.dtype)
-        _sums_rows(dy3[:, :, 0], x2, mx, a, t, relu, nsplit, _block_rows(C), _zero(x3),
-                   acc, psum, pdot)
+        _sums_rows.on(x3.size)(dy3[:, :, 0], x2, mx, a, t, relu, nsplit, _block_rows(C),
+                               _zero(x3), acc, psum, pdot)
     sum_g = psum.sum(axis=1)
     return sum_g, pdot.sum(axis=1) - (m - mx.astype(np.float64)) * sum_g
 
@@ -519,10 +545,10 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
     m, a, t, b, d = _in_dtype(x3.dtype, m, a, t, b, d)
     x2 = _rows(x3)
     if x2 is None:
-        _apply_channel_major(dy3, x3, m, a, t, relu, b, d, target, _isplit(x3))
+        _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, target, _isplit(x3))
     else:
-        _apply_rows(dy3[:, :, 0], x2, m, a, t, relu, b, d, target[:, :, 0],
-                    _tasks(x3.size, x2.shape[0]))
+        _apply_rows.on(x3.size)(dy3[:, :, 0], x2, m, a, t, relu, b, d, target[:, :, 0],
+                                _tasks(x3.size, x2.shape[0]))
     if target is not dx3:
         dx3[...] = target
 
@@ -544,8 +570,8 @@ def train_fused(x3, w, b, eps, relu, y3):
         return None
     C = x3.shape[1]
     mean, var = np.empty(C), np.empty(C)
-    _train_fused(x3, w, b, float(eps), _lo(relu, x3.dtype), _config.CPU_BLOCK, _zero(x3),
-                 np.empty((C, 4), x3.dtype), y3, mean, var)
+    _train_fused.on(x3.size)(x3, w, b, float(eps), _lo(relu, x3.dtype), _config.CPU_BLOCK,
+                             _zero(x3), np.empty((C, 4), x3.dtype), y3, mean, var)
     return mean, var
 
 
@@ -558,6 +584,6 @@ def backward_fused(dy3, x3, m, a, t, relu, inv, training, dx3):
         return None
     C = x3.shape[1]
     sum_g, sum_gx = np.empty(C), np.empty(C)
-    _backward_fused(dy3, x3, m, a, t, relu, inv, training, _config.CPU_BLOCK, _zero(x3),
-                    np.empty((C, 5), x3.dtype), dx3, sum_g, sum_gx)
+    _backward_fused.on(x3.size)(dy3, x3, m, a, t, relu, inv, training, _config.CPU_BLOCK,
+                                _zero(x3), np.empty((C, 5), x3.dtype), dx3, sum_g, sum_gx)
     return sum_g, sum_gx

@@ -97,6 +97,7 @@ def tiny_tasks(monkeypatch):
     from numbn import _config
 
     monkeypatch.setattr(_config, "CPU_MIN_TASK", 8)
+    monkeypatch.setattr(_config, "CPU_PARALLEL_MIN", 0)
     monkeypatch.setattr(_config, "CPU_BLOCK", 7)
     monkeypatch.setattr(_config, "CPU_ROWS_BLOCK", 9)
 
@@ -104,12 +105,15 @@ def tiny_tasks(monkeypatch):
 HOST_BACKENDS = [b for b in numbn.available_backends() if b != "cuda"]
 
 
-@pytest.fixture(params=["fused", "two-pass"])
+@pytest.fixture(params=["fused", "two-pass", "serial"])
 def cpu_path(request, monkeypatch):
     """Run a test through the cache-blocked fused kernels (every channel
-    small enough) and through the two-pass kernels (fusion off)."""
+    small enough), through the parallel two-pass kernels (fusion off), and
+    through the serial twins of the kernels."""
     from numbn import _config
 
     monkeypatch.setattr(_config, "CPU_FUSED_MAX_SLAB_BYTES",
                         1 << 40 if request.param == "fused" else 0)
+    if request.param == "serial":
+        monkeypatch.setattr(_config, "CPU_PARALLEL_MIN", 1 << 62)
     return request.param
