@@ -56,3 +56,26 @@ def test_bench_quick_json(tmp_path):
            if row["backend"] == "cpu"}
     assert len(ops) == 7 * 3
     assert all(row["ms"] > 0 and row["gbps"] > 0 for row in data["rows"])
+
+
+@pytest.mark.slow
+def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (numbn[bench])")
+    png = tmp_path / "bench.png"
+    r = _numbn("bench", "--quick", "--repeat", "1", "--no-progress", "--backend", "cpu",
+               "--no-torch", "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_without_matplotlib(tmp_path):
+    script = tmp_path / "nompl.py"
+    script.write_text(
+        "import sys\n"
+        "sys.modules['matplotlib'] = None\n"
+        "from numbn import _bench\n"
+        "row = _bench.Row('NCHW', (2, 3), 'float32', 'eval', 'cpu', 1.0, 1.0, 0.5, None)\n"
+        "_bench.plot([row], 'x.png')\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode != 0 and "needs matplotlib" in r.stderr
