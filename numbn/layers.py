@@ -10,7 +10,7 @@ import numpy as np
 from . import _checks
 from .functional import (_check_forward, _engine, _infer, _stats_dtype, _train,
                          batch_norm_backward, update_running)
-from ._dispatch import resolve
+from ._dispatch import is_device_array, resolve
 from ._reference import _quiet
 
 
@@ -241,13 +241,16 @@ class BatchNorm:
         # A frozen layer uses its running statistics in training mode too (freeze()).
         use_batch = (self.training and not self._frozen) or not self.track_running_stats
         if not use_batch:
+            self._place(x)
             y = _infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                        self.eps, axis, self.backend, None, relu)
-            mean, invstd = self.running_mean, 1.0 / np.sqrt(
-                np.asarray(self.running_var, np.float64) + self.eps)
-            self._saved = (x, np.asarray(mean, np.float64), invstd, False, axis)
+            mean = np.asarray(_engine_host(self.running_mean), np.float64)
+            invstd = 1.0 / np.sqrt(np.asarray(_engine_host(self.running_var), np.float64)
+                                   + self.eps)
+            self._saved = (x, mean, invstd, False, axis)
             return y
         n = _checks.training_count(x.shape, axis)
+        self._place(x)
         y, mean, var, _ = _train(x, self.weight, self.bias, self.eps, axis, self.backend,
                                  None, relu)
         if self._observer is not None:
@@ -258,6 +261,27 @@ class BatchNorm:
                            unbiased=self.convention.unbiased_running_var)
         self._saved = (x, mean, 1.0 / np.sqrt(var + self.eps), True, axis)
         return y
+
+    def _place(self, x) -> None:
+        """Keep the parameters and running statistics where ``x`` lives.
+
+        A device input (CuPy, torch, numba) moves NumPy ones to its device and
+        kind on the first such forward, so later forwards and the in-place
+        running-statistics updates stay on the device; a NumPy input for a
+        host backend brings device ones back. Values are unchanged either way.
+        """
+        device = is_device_array(x)
+        if not device and resolve(self.backend, x) == "cuda":
+            return  # NumPy input on the cuda backend: either residency works
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            value = getattr(self, key)
+            on_host = isinstance(value, np.ndarray)
+            if value is None or on_host != device:  # absent, or already in place
+                continue
+            if device:
+                setattr(self, key, _engine("cuda").to_device_like(value, x))
+            else:
+                setattr(self, key, np.asarray(_engine_host(value), self.dtype))
 
     def backward(self, dy):
         """Gradient with respect to the last forward's input.
