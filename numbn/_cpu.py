@@ -470,6 +470,8 @@ def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance (float64) of ``x3``."""
     x3 = _f32(x3)
     outer, C, inner = x3.shape
+    if x3.size == 0:  # an empty batch (a SyncBatchNorm rank's): count 0
+        return np.zeros(C), np.full(C, np.nan)
     x2 = _rows(x3)
     if x2 is None:
         nsplit = _per_channel(x3)
@@ -500,6 +502,8 @@ def _isplit(x3) -> int:
 
 def normalize(x3, m, a, t, relu, y3) -> None:
     """``y3 = (x3 - m[c]) * a[c] + t[c]``, then ReLU if ``relu`` (vectors float64)."""
+    if x3.size == 0:
+        return
     x3, target = _f32(x3), _writer(y3)
     m, a, t = _in_dtype(x3.dtype, m, a, t)
     lo = _lo(relu, x3.dtype)
@@ -518,6 +522,8 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
     ``dy`` masked by the fused ReLU when ``relu`` (its input ``(x - m) * a + t``)."""
     dy3, x3 = _f32(dy3), _f32(x3)
     outer, C, inner = x3.shape
+    if x3.size == 0:
+        return np.zeros(C), np.zeros(C)
     # The kernels subtract m rounded to x's dtype (so float32 input keeps
     # float32 SIMD); sum(g * (x - m)) is corrected for that rounding below.
     # The ReLU gate uses the forward's own coefficients, so the masks agree.
@@ -541,6 +547,8 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
 def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
     """``dx3 = g * a[c] + (x3 - m[c]) * b[c] + d[c]`` with ``g`` as in
     :func:`backward_sums`."""
+    if x3.size == 0:
+        return
     dy3, x3, target = _f32(dy3), _f32(x3), _writer(dx3)
     m, a, t, b, d = _in_dtype(x3.dtype, m, a, t, b, d)
     x2 = _rows(x3)
@@ -558,7 +566,7 @@ def _fusable(x3) -> bool:
     cache and there are channels enough for every thread."""
     outer, C, inner = x3.shape
     slab = outer * inner * x3.itemsize
-    return (inner > 1 and C >= 2 * numba.get_num_threads()
+    return (inner > 1 and outer > 0 and C >= 2 * numba.get_num_threads()
             and slab <= _config.CPU_FUSED_MAX_SLAB_BYTES and x3.flags.c_contiguous)
 
 

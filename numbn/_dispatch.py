@@ -106,6 +106,10 @@ def is_device_array(a) -> bool:
     """True for arrays in CUDA memory (``__cuda_array_interface__`` or DLPack)."""
     if isinstance(a, np.ndarray):
         return False
+    if getattr(type(a), "__cuda_ndarray__", False):
+        # numba device arrays, and the CUDA simulator's, which have neither
+        # __cuda_array_interface__ nor a CUDA DLPack device (checked first).
+        return True
     if hasattr(a, "__cuda_array_interface__"):
         return True
     dev = getattr(a, "__dlpack_device__", None)

@@ -65,3 +65,31 @@ def test_thread_count_follows_numba(rng):
         results.append(numbn.batch_norm_forward(x)[0])
     numba.set_num_threads(before)
     close(results[0], results[-1], np.float32)
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 16), (0, 3, 16), (0, 8, 1), (1, 8, 0), (1, 3, 0)])
+def test_kernels_take_an_empty_batch(shape, cpu_path):
+    """SyncBatchNorm gives the kernels a rank's empty batch: no division by
+    zero, empty outputs, zero sums."""
+    from numbn import _cpu
+
+    x = np.zeros(shape, np.float32)
+    c = shape[1]
+    m, a, t = np.zeros(c), np.ones(c), np.zeros(c)
+    mean, var = _cpu.stats(x)
+    assert np.isnan(var).all()
+    out = np.empty_like(x)
+    _cpu.normalize(x, m, a, t, False, out)
+    assert _cpu.train_fused(x, a, t, 1e-5, False, out) is None
+    assert _cpu.backward_fused(x, x, m, a, t, False, a, True, out) is None
+    sums = _cpu.backward_sums(x, x, m, a, t, True)
+    np.testing.assert_array_equal(sums, np.zeros((2, c)))
+    _cpu.backward_apply(x, x, m, a, t, True, m, m, out)
+
+
+def test_frozen_layer_takes_an_empty_batch():
+    bn = numbn.BatchNorm(4).eval()
+    y = bn(np.ones((0, 4, 3, 3), np.float32))  # numpy gives empty arrays zero strides
+    assert y.shape == (0, 4, 3, 3)
+    assert bn.backward(np.ones_like(y)).shape == y.shape
+    np.testing.assert_array_equal(bn.grad_bias, np.zeros(4, np.float32))
