@@ -5,8 +5,7 @@ PyTorch, Keras, Paddle and Flax conventions. Importing numbn compiles nothing
 and never touches a GPU driver.
 """
 
-from ._dispatch import (BackendUnavailableError, available_backends, get_backend,
-                        set_backend)
+from ._dispatch import BackendUnavailableError, available_backends, get_backend, set_backend
 from .folding import fold_conv, fold_linear
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .layers import CONVENTIONS, BatchNorm, Convention

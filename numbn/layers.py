@@ -8,10 +8,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks
-from .functional import (_check_forward, _engine, _infer, _stats_dtype, _train,
-                         batch_norm_backward, update_running)
 from ._dispatch import is_device_array, resolve
 from ._reference import _quiet
+from .functional import (
+    _check_forward,
+    _engine,
+    _infer,
+    _stats_dtype,
+    _train,
+    batch_norm_backward,
+    update_running,
+)
 
 
 @dataclass(frozen=True)
@@ -125,12 +132,12 @@ class BatchNorm:
 
     # -- modes and state ---------------------------------------------------
 
-    def train(self, mode: bool = True) -> "BatchNorm":
+    def train(self, mode: bool = True) -> BatchNorm:
         """Training mode (batch statistics, running statistics updated)."""
         self.training = bool(mode)
         return self
 
-    def eval(self) -> "BatchNorm":
+    def eval(self) -> BatchNorm:
         """Inference mode (running statistics, nothing updated)."""
         return self.train(False)
 

@@ -34,7 +34,15 @@ made by every rank on the gathered table, identically.
 
 The statistics are float64 host vectors whatever the backend, so the
 collectives work on small NumPy buffers and need no CUDA-aware MPI; the
-normalisation itself goes through the backend's engine, as in ``BatchNorm``.
+normalisation itself goes through the backend's engine, as in ``BatchNorm``
+(device arrays: ``tests/mpi/run_sync_checks.py::check_cuda``).
+
+Cost: the collectives take microseconds, but a synchronised step cannot use
+the CPU backend's cache-fused kernels (statistics and normalisation of a
+channel while its slab is in cache; sums and dx likewise), because the global
+statistics arrive between the two passes: x crosses memory once more in the
+forward and in the backward. ``benchmarks/sync_cost.py`` reports the two costs
+apart.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import numpy as np
 
 from . import _checks, _reference
 from ._dispatch import resolve
+from ._layout import Plan
 from .functional import (
     _check_forward,
     _engine,
@@ -238,8 +247,13 @@ class SyncBatchNorm(BatchNorm):
             axis, relu = _check_forward(x, self.weight, self.bias, self.axis, None,
                                         self.activation)
             eng = _engine(resolve(self.backend, x))
-            y, mean, var, n = _train(x, self.weight, self.bias, self.eps, axis, self.backend,
-                                     None, relu, combine)
+            if _empty(x):  # take part in the collective; nothing to launch
+                c = self.num_features
+                mean, var, n = combine(np.zeros(c), np.full(c, np.nan), 0)
+                y = _empty_output(eng, x, axis)
+            else:
+                y, mean, var, n = _train(x, self.weight, self.bias, self.eps, axis,
+                                         self.backend, None, relu, combine)
         except Exception as exc:
             if joined:  # the collective is behind us: the peers are not waiting
                 raise
@@ -266,7 +280,7 @@ class SyncBatchNorm(BatchNorm):
         status, counts = table[:, 0], table[:, 1]
         if (status == _FAILED).any():
             self._raise_agreed("forward", exc)
-        if np.unique(status).size > 1:
+        if (status != status[0]).any():
             held = ", ".join(f"rank {r} {_DTYPE_BY_SIZE.get(int(s), s)}"
                              for r, s in enumerate(status))
             raise TypeError(f"SyncBatchNorm.forward: every rank must pass the same dtype; "
@@ -329,7 +343,12 @@ class SyncBatchNorm(BatchNorm):
             name = resolve(self.backend, x)
             relu = _checks.activation(self.activation)
             dt = _stats_dtype(x)
-            if name == "numpy":
+            if _empty(x):  # take part in the collective; nothing to launch
+                eng = _engine(name)
+                dw = db = np.zeros(self.num_features)
+                combine(dw, db, 0)
+                dx = _empty_output(eng, x, axis)
+            elif name == "numpy":
                 eng = _engine("cpu")  # the host engine
                 dx, dw, db = _numpy_backward(dy, x, mean.astype(dt), invstd.astype(dt),
                                              self.weight, self.bias, axis, relu, combine)
@@ -386,6 +405,20 @@ class SyncBatchNorm(BatchNorm):
 
     def __repr__(self) -> str:
         return "Sync" + super().__repr__()
+
+
+def _empty(x) -> bool:
+    # A rank with an empty batch skips the kernels: a zero-sized launch is an
+    # error on a GPU (tests/mpi/run_sync_checks.py, split kind "empty").
+    return int(np.prod(x.shape, dtype=np.int64)) == 0
+
+
+def _empty_output(eng, x, axis):
+    """An array of x's shape, dtype and kind, for an ``x`` with no values."""
+    if isinstance(x, np.ndarray):
+        return np.empty(x.shape, x.dtype)
+    full, _ = eng.output(Plan.of(eng.adopt(x), axis), _checks.dtype_of(x), like=x)
+    return eng.finish(full, None, x)
 
 
 def _numpy_backward(dy, x, mean, invstd, weight, bias, axis, relu, combine):
