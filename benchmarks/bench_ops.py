@@ -3,13 +3,11 @@ backend x dtype x layout x size, with effective bandwidth beside the times."""
 
 from __future__ import annotations
 
-import time
-
 import numba
 import numpy as np
 
 import numbn
-from numbn._bench import _parallel_copy
+from numbn._bench import _parallel_copy, median_seconds
 
 from ._common import BACKENDS, DTYPES, LAYOUTS, SIZES, check_forward, make_input, require
 
@@ -54,16 +52,6 @@ class Ops:
         self.bn.backward(self.dy)
 
 
-def _median_seconds(f, repeat=7):
-    f()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 class Bandwidth:
     """Effective GB/s (compulsory bytes over time) and its fraction of a
     parallel copy of the same bytes, float32 on the CPU backend."""
@@ -93,10 +81,10 @@ class Bandwidth:
         self.copy = lambda: _parallel_copy(src, dst, n)
 
     def track_gbps(self, *params):
-        return self.nbytes / _median_seconds(self.call) / 1e9
+        return self.nbytes / median_seconds(self.call) / 1e9
 
     def track_fraction_of_copy(self, *params):
-        copy_gbps = 2 * self.x.nbytes / _median_seconds(self.copy) / 1e9
+        copy_gbps = 2 * self.x.nbytes / median_seconds(self.copy) / 1e9
         return self.track_gbps() / copy_gbps
 
     track_fraction_of_copy.unit = "fraction"
@@ -116,5 +104,5 @@ class CopyBandwidth:
 
     def track_copy_gbps(self, size):
         n = numba.get_num_threads()
-        return 2 * self.src.nbytes / _median_seconds(
+        return 2 * self.src.nbytes / median_seconds(
             lambda: _parallel_copy(self.src, self.dst, n)) / 1e9

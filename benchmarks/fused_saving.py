@@ -28,16 +28,9 @@ import numpy as np
 
 import numbn
 from numbn import _reference
+from numbn._bench import STANDARD
 
-SHAPES = [
-    ("NCHW", (32, 64, 56, 56), 1),
-    ("NCHW", (16, 32, 112, 112), 1),
-    ("NCHW", (64, 256, 14, 14), 1),
-    ("NHWC", (32, 56, 56, 64), -1),
-    ("NHWC", (8, 28, 28, 256), -1),
-    ("2-D", (256, 1024), 1),
-    ("2-D", (8192, 64), 1),
-]
+SHAPES = STANDARD  # the seven float32 shapes of `numbn bench`
 VARIANTS = ("plain", "fused", "bn+relu")
 
 

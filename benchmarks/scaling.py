@@ -9,21 +9,11 @@ interleaved runs in one process.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 import numbn
-
-
-def _median(f, repeat):
-    f()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+from numbn._bench import median_seconds
 
 
 def measure(shape, axis, repeat):
@@ -34,9 +24,9 @@ def measure(shape, axis, repeat):
     w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     _, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis)
-    t_fwd = _median(lambda: numbn.batch_norm(x, rm, rv, w, b, True, axis=axis), repeat)
-    t_eval = _median(lambda: numbn.batch_norm(x, rm, rv, w, b, False, axis=axis), repeat)
-    t_bwd = _median(lambda: numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
+    t_fwd = median_seconds(lambda: numbn.batch_norm(x, rm, rv, w, b, True, axis=axis), repeat)
+    t_eval = median_seconds(lambda: numbn.batch_norm(x, rm, rv, w, b, False, axis=axis), repeat)
+    t_bwd = median_seconds(lambda: numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
                     repeat)
     return t_fwd, t_eval, t_bwd, x.nbytes
 

@@ -64,8 +64,15 @@ class Row:
     ratio_to_torch: float | None
 
 
-def _median_interleaved(funcs, repeat):
+def median_seconds(f, repeat: int = 7) -> float:
+    """Median wall time of ``f()`` over ``repeat`` runs after one warm-up call."""
+    return _median_interleaved([f], repeat, warm=True)[0]
+
+
+def _median_interleaved(funcs, repeat, warm=False):
     times = [[] for _ in funcs]
+    for f in funcs if warm else ():
+        f()
     for _ in range(repeat):
         for k, f in enumerate(funcs):
             t0 = time.perf_counter()

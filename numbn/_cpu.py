@@ -206,6 +206,19 @@ def _gate(g, xv, m, a, t, relu, zero):
     return g
 
 
+@njit(inline="always")
+def _chunk_sums(gr, xr, m, a, t, relu, zero):
+    """``sum(g)`` and ``sum(g * (x - m))`` of one chunk, summed in x's dtype
+    and returned in float64 (``g`` is ``dy`` gated by the fused ReLU)."""
+    sg = zero
+    sgx = zero
+    for i in range(xr.shape[0]):
+        g = _gate(gr[i], xr[i], m, a, t, relu, zero)
+        sg += g
+        sgx += g * (xr[i] - m)
+    return np.float64(sg), np.float64(sgx)
+
+
 @_Kernel
 def _affine_channel_major(x, m, a, t, lo, y, isplit):
     outer, C, inner = x.shape
@@ -251,16 +264,9 @@ def _sums_channel_major(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot):
             i1 = min(f1 - o * inner, inner)
             for b0 in range(i0, i1, block):
                 b1 = min(b0 + block, i1)
-                xr = x[o, c, b0:b1]
-                gr = dy[o, c, b0:b1]
-                sg = zero
-                sgx = zero
-                for i in range(b1 - b0):
-                    g = _gate(gr[i], xr[i], mc, ac, tc, relu, zero)
-                    sg += g
-                    sgx += g * (xr[i] - mc)
-                acc_g += np.float64(sg)
-                acc_gx += np.float64(sgx)
+                sg, sgx = _chunk_sums(dy[o, c, b0:b1], x[o, c, b0:b1], mc, ac, tc, relu, zero)
+                acc_g += sg
+                acc_gx += sgx
         psum[c, s] = acc_g
         pdot[c, s] = acc_gx
 
@@ -378,16 +384,9 @@ def _backward_fused(dy, x, m, a, t, relu, inv, training, block, zero, cells, dx,
         for o in range(outer):
             for b0 in range(0, inner, block):
                 b1 = min(b0 + block, inner)
-                xr = x[o, c, b0:b1]
-                gr = dy[o, c, b0:b1]
-                sg = zero
-                sgx = zero
-                for i in range(b1 - b0):
-                    g = _gate(gr[i], xr[i], mr, ar, tr, relu, zero)
-                    sg += g
-                    sgx += g * (xr[i] - mr)
-                acc_g += np.float64(sg)
-                acc_gx += np.float64(sgx)
+                sg, sgx = _chunk_sums(dy[o, c, b0:b1], x[o, c, b0:b1], mr, ar, tr, relu, zero)
+                acc_g += sg
+                acc_gx += sgx
         acc_gx -= shift * acc_g
         sum_g_out[c] = acc_g
         sum_gx_out[c] = acc_gx
