@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 import numbn
@@ -9,6 +11,11 @@ from numbn import _reference as ref
 
 #: Sizes of the matrix: (N, C, H, W) before the layout is applied.
 SIZES = {"small": (8, 16, 16, 16), "medium": (16, 64, 28, 28), "large": (32, 64, 56, 56)}
+# ``NUMBN_ASV_SIZES=small`` (a comma list) narrows the size axis: CI's smoke run
+# uses it to run every benchmark once in minutes; the default is all sizes.
+if os.environ.get("NUMBN_ASV_SIZES"):
+    SIZES = {k: v for k, v in SIZES.items()
+             if k in os.environ["NUMBN_ASV_SIZES"].split(",")} or SIZES
 LAYOUTS = ("NCHW", "NHWC", "2-D", "strided")
 DTYPES = ("float16", "float32", "float64")
 BACKENDS = ("cpu", "numpy", "cuda")

@@ -45,7 +45,7 @@ class LayerMemory:
     """Peak memory of a layer's forward+backward: beyond x, y, dy and dx
     nothing the size of x should be allocated."""
 
-    params = [["NCHW", "NHWC"], ["medium", "large"]]
+    params = [["NCHW", "NHWC"], [k for k in ("medium", "large") if k in SIZES] or list(SIZES)]
     param_names = ["layout", "size"]
 
     def setup(self, layout, size):

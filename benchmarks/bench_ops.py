@@ -56,7 +56,8 @@ class Bandwidth:
     """Effective GB/s (compulsory bytes over time) and its fraction of a
     parallel copy of the same bytes, float32 on the CPU backend."""
 
-    params = (["forward_train", "eval", "backward"], list(LAYOUTS), ["medium", "large"])
+    params = (["forward_train", "eval", "backward"], list(LAYOUTS),
+              [k for k in ("medium", "large") if k in SIZES] or list(SIZES))
     param_names = ["op", "layout", "size"]
     unit = "GB/s"
 
