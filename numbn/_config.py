@@ -25,6 +25,10 @@ CPU_FUSED_MAX_SLAB_BYTES = 512 * 1024
 #: the threads of a parallel region costs more than such an input's work.
 CPU_PARALLEL_MIN = 32768
 
+#: Outputs of at least this many bytes are touched once per page when
+#: allocated, on the calling thread (numbn._layout.Plan.empty says why).
+CPU_PREFAULT_BYTES = 16 * 1024 * 1024
+
 #: Smallest number of elements worth giving a thread of its own.
 CPU_MIN_TASK = 16384
 

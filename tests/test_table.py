@@ -137,3 +137,19 @@ def test_eval_empty_batch_returns_empty(rng):
     x = np.zeros((0, 3, 4), np.float32)
     y = numbn.batch_norm(x, np.zeros(3), np.ones(3))
     assert y.shape == x.shape
+
+
+def test_one_channel_is_one_long_run():
+    """C=1 must not become a million rows of one value (a 20x cliff, measured)."""
+    from numbn._layout import Plan
+
+    assert Plan.of(np.zeros((256, 1, 64, 64), np.float32), 1).dims == (1, 1, 256 * 64 * 64)
+    assert Plan.of(np.zeros((8, 4, 4, 1), np.float32), 3).dims == (1, 1, 128)
+
+
+def test_large_output_is_prefaulted_and_correct(rng, monkeypatch):
+    from numbn import _config
+
+    monkeypatch.setattr(_config, "CPU_PREFAULT_BYTES", 1024)
+    x = make(rng, (4, 8, 32, 32), np.float32)
+    close(numbn.batch_norm_forward(x)[0], ref.forward_train(x)[0], np.float32)
