@@ -206,9 +206,8 @@ def _gate(g, xv, m, a, t, relu, zero):
     the boundary ``(x - m) * a + t == 0`` (and for NaN), as torch's
     ``threshold_backward``. The test is the forward's own expression, so the
     mask matches the forward; ``relu`` is loop-invariant and LLVM unswitches it."""
-    if relu and not ((xv - m) * a + t > 0.0):
-        return zero
-    return g
+    keep = (not relu) | ((xv - m) * a + t > 0.0)  # a select, not a branch: vectorises
+    return g if keep else zero
 
 
 @njit(inline="always")
