@@ -545,27 +545,12 @@ def _build(tpb: int, shuffle: bool):
     # -- block merges -----------------------------------------------------------
 
     def block_shared(merge):
+        # The tree of rows_shared over a single column: nx = 1, ny = tpb.
+        rows = rows_shared(merge)
+
         @device
         def reduce(b0, b1, b2, tid):
-            # Tree over the block in shared memory; thread 0 ends with the total.
-            sh = cuda.shared.array(0, float64)  # 3 * tpb float64 (_shared_bytes)
-            sh[tid] = b0
-            sh[tpb + tid] = b1
-            sh[2 * tpb + tid] = b2
-            cuda.syncthreads()
-            stride = tpb // 2
-            while stride > 0:
-                if tid < stride:
-                    u = tid + stride
-                    r0, r1, r2 = merge(float(sh[tid]), float(sh[tpb + tid]),
-                                       float(sh[2 * tpb + tid]), float(sh[u]),
-                                       float(sh[tpb + u]), float(sh[2 * tpb + u]))
-                    sh[tid] = r0
-                    sh[tpb + tid] = r1
-                    sh[2 * tpb + tid] = r2
-                cuda.syncthreads()
-                stride //= 2
-            return float(sh[0]), float(sh[tpb]), float(sh[2 * tpb])
+            return rows(b0, b1, b2, 0, tid, 1, tpb)
 
         return reduce
 
