@@ -27,7 +27,9 @@ CPU_PARALLEL_MIN = 32768
 
 #: Outputs of at least this many bytes are touched once per page when
 #: allocated, on the calling thread (numbn._layout.Plan.empty says why).
-CPU_PREFAULT_BYTES = 16 * 1024 * 1024
+#: glibc maps allocations above 32 MiB anew every time; smaller ones reuse
+#: heap pages that are already resident, where touching them only costs.
+CPU_PREFAULT_BYTES = 32 * 1024 * 1024
 
 #: Smallest number of elements worth giving a thread of its own.
 CPU_MIN_TASK = 16384
