@@ -615,6 +615,17 @@ def _build(tpb: int, shuffle: bool):
 
         return reduce
 
+    @device
+    def row_span(tid, inner):
+        """Where thread ``tid`` works in a channel-major block: its row within
+        the block's rows (``sub``), first element and stride along a row. Rows
+        at least a block long take every thread; shorter ones pack
+        ``tpb // inner`` rows into one block."""
+        if inner >= tpb:
+            return 0, tid, tpb
+        sub = tid // inner
+        return sub, tid - sub * inner, inner
+
     # -- kernel templates -------------------------------------------------------
 
     def reduction(step, close, merge, final, grad):
@@ -634,12 +645,7 @@ def _build(tpb: int, shuffle: bool):
             s_rows = s // si
             s_seg = s - s_rows * si
             tid = cuda.threadIdx.x
-            if inner >= tpb:
-                sub, i0, istep = 0, tid, tpb
-            else:
-                sub = tid // inner
-                i0 = tid - sub * inner
-                istep = inner
+            sub, i0, istep = row_span(tid, inner)
             lo = s_seg * inner // si
             hi = (s_seg + 1) * inner // si
             m, a, t = 0.0, 0.0, 0.0
@@ -712,12 +718,7 @@ def _build(tpb: int, shuffle: bool):
         def channel_major(x, dy, coef, relu, rpi, out):
             outer, C, inner = x.shape
             tid = cuda.threadIdx.x
-            if inner >= tpb:
-                sub, i0, istep = 0, tid, tpb
-            else:
-                sub = tid // inner
-                i0 = tid - sub * inner
-                istep = inner
+            sub, i0, istep = row_span(tid, inner)
             si = cuda.gridDim.y
             seg = cuda.blockIdx.y
             lo = seg * inner // si
