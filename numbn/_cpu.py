@@ -127,9 +127,68 @@ def _stats_channel_major(x, nsplit, block, zero, cells, pn, pmean, pm2):
                 xr = x[o, c, b0:min(b0 + block, i1)]
                 nb, mb, m2b = _chunk_moments(xr, zero, cell)
                 n, mean, m2 = _chan_merge(n, mean, m2, nb, mb, m2b)
-        pn[c, s] = n
-        pmean[c, s] = mean
-        pm2[c, s] = m2
+        if c == 0:  # every channel's split s holds the same count
+            pn[s] = n
+        pmean[s, c] = mean
+        pm2[s, c] = m2
+
+
+@njit(inline="always")
+def _rows_moments(x, o0, o1, block_rows, zero, acc, pmean, pm2):
+    """Per-channel (mean, M2) of rows ``o0:o1`` of 2-D ``x`` (rows, C) into
+    ``pmean`` and ``pm2`` (length C); returns the row count. Blocks of
+    ``block_rows`` rows are reduced two-pass in x's dtype (the second pass
+    hits the cache) through the ``(4, C)`` scratch ``acc``, and merged with
+    Chan's formula in float64. Rows go four at a time into one update of the
+    accumulators (a row of 64 channels is only four AVX-512 vectors: per-row
+    loop and accumulator traffic made this 2x slower, measured)."""
+    C = x.shape[1]
+    bs = acc[0]
+    sh = acc[1]
+    d1 = acc[2]
+    d2 = acc[3]
+    n = 0.0
+    for c in range(C):
+        pmean[c] = 0.0
+        pm2[c] = 0.0
+    for r0 in range(o0, o1, block_rows):
+        r1 = min(r0 + block_rows, o1)
+        r4 = r0 + (r1 - r0) // 4 * 4
+        nb = np.float64(r1 - r0)
+        for c in range(C):
+            bs[c] = zero
+            d1[c] = zero
+            d2[c] = zero
+        for o in range(r0, r4, 4):
+            x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
+            for c in range(C):
+                bs[c] += (x0[c] + x1[c]) + (x2[c] + x3[c])
+        for o in range(r4, r1):
+            xr = x[o]
+            for c in range(C):
+                bs[c] += xr[c]
+        for c in range(C):
+            sh[c] = np.float64(bs[c]) / nb
+        for o in range(r0, r4, 4):
+            x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
+            for c in range(C):
+                s = sh[c]
+                e0, e1, e2, e3 = x0[c] - s, x1[c] - s, x2[c] - s, x3[c] - s
+                d1[c] += (e0 + e1) + (e2 + e3)
+                d2[c] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+        for o in range(r4, r1):
+            xr = x[o]
+            for c in range(C):
+                d = xr[c] - sh[c]
+                d1[c] += d
+                d2[c] += d * d
+        for c in range(C):
+            mean_dev = np.float64(d1[c]) / nb
+            m2b = np.float64(d2[c]) - np.float64(d1[c]) * mean_dev
+            _, pmean[c], pm2[c] = _chan_merge(n, pmean[c], pm2[c], nb,
+                                              np.float64(sh[c]) + mean_dev, m2b)
+        n += nb
+    return n
 
 
 @_Kernel
@@ -140,56 +199,40 @@ def _stats_rows(x, nsplit, block_rows, zero, acc, pn, pmean, pm2):
     write one cache line (the ``(C, nsplit)`` layout made this 2.5x slower
     than serial at (256, 1024), measured).
     """
-    R, C = x.shape
+    R = x.shape[0]
     for s in prange(nsplit):
-        o0 = s * R // nsplit
-        o1 = (s + 1) * R // nsplit
-        bs = acc[s, 0]
-        sh = acc[s, 1]
-        d1 = acc[s, 2]
-        d2 = acc[s, 3]
-        n = 0.0
+        pn[s] = _rows_moments(x, s * R // nsplit, (s + 1) * R // nsplit, block_rows, zero,
+                              acc[s], pmean[s], pm2[s])
+
+
+@njit(inline="always")
+def _merge_partials(pn, pmean, pm2, mean, var):
+    """Merge the ``(nsplit, C)`` partials (counts ``pn[s]``) into per-channel
+    ``mean`` and biased ``var``; the channel loop is innermost, so it runs
+    as SIMD (a channel-by-channel chain of divisions was 37 us at C=1024)."""
+    nsplit, C = pmean.shape
+    n = 0.0
+    for c in range(C):
+        mean[c] = 0.0
+        var[c] = 0.0  # M2 until the end
+    for s in range(nsplit):
+        nb = pn[s]
+        if nb == 0.0:
+            continue
+        total = n + nb
+        frac = nb / total
         for c in range(C):
-            pmean[s, c] = 0.0
-            pm2[s, c] = 0.0
-        for r0 in range(o0, o1, block_rows):
-            r1 = min(r0 + block_rows, o1)
-            nb = np.float64(r1 - r0)
-            for c in range(C):
-                bs[c] = zero
-                d1[c] = zero
-                d2[c] = zero
-            for o in range(r0, r1):
-                xr = x[o]
-                for c in range(C):
-                    bs[c] += xr[c]
-            for c in range(C):
-                sh[c] = np.float64(bs[c]) / nb
-            for o in range(r0, r1):
-                xr = x[o]
-                for c in range(C):
-                    d = xr[c] - sh[c]
-                    d1[c] += d
-                    d2[c] += d * d
-            for c in range(C):
-                mean_dev = np.float64(d1[c]) / nb
-                m2b = np.float64(d2[c]) - np.float64(d1[c]) * mean_dev
-                _, pmean[s, c], pm2[s, c] = _chan_merge(
-                    n, pmean[s, c], pm2[s, c], nb, np.float64(sh[c]) + mean_dev, m2b)
-            n += nb
-        for c in range(C):
-            pn[s, c] = n
+            delta = pmean[s, c] - mean[c]
+            mean[c] += delta * frac
+            var[c] += pm2[s, c] + delta * delta * n * frac
+        n = total
+    for c in range(C):
+        var[c] = var[c] / n if n > 0 else np.nan
 
 
 @njit(cache=True)
-def _merge_partials(pn, pmean, pm2, mean, var):
-    C, nsplit = pn.shape
-    for c in range(C):
-        n, mu, m2 = 0.0, 0.0, 0.0
-        for s in range(nsplit):
-            n, mu, m2 = _chan_merge(n, mu, m2, pn[c, s], pmean[c, s], pm2[c, s])
-        mean[c] = mu
-        var[c] = m2 / n if n > 0 else np.nan
+def _merge(pn, pmean, pm2, mean, var):
+    _merge_partials(pn, pmean, pm2, mean, var)
 
 
 @njit(inline="always")
@@ -240,15 +283,20 @@ def _affine_channel_major(x, m, a, t, lo, y, isplit):
             yr[i] = _bn(xr[i], mc, ac, tc, lo)
 
 
+@njit(inline="always")
+def _affine_row_range(x, o0, o1, m, a, t, lo, y):
+    for o in range(o0, o1):
+        xr = x[o]
+        yr = y[o]
+        for c in range(x.shape[1]):
+            yr[c] = _bn(xr[c], m[c], a[c], t[c], lo)
+
+
 @_Kernel
 def _affine_rows(x, m, a, t, lo, y, nsplit):
-    R, C = x.shape
+    R = x.shape[0]
     for s in prange(nsplit):
-        for o in range(s * R // nsplit, (s + 1) * R // nsplit):
-            xr = x[o]
-            yr = y[o]
-            for c in range(C):
-                yr[c] = _bn(xr[c], m[c], a[c], t[c], lo)
+        _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, lo, y)
 
 
 @_Kernel
@@ -275,30 +323,55 @@ def _sums_channel_major(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot):
         pdot[c, s] = acc_gx
 
 
+@njit(inline="always")
+def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, acc, psum, pdot):
+    """``sum(g)`` and ``sum(g * (x - m))`` per channel over rows ``o0:o1``
+    into ``psum`` and ``pdot`` (length C): blocks of ``block_rows`` rows
+    summed in x's dtype through the ``(2, C)`` scratch ``acc``, then float64;
+    four rows per update of the accumulators, as in :func:`_rows_moments`."""
+    C = x.shape[1]
+    sg = acc[0]
+    sgx = acc[1]
+    for c in range(C):
+        psum[c] = 0.0
+        pdot[c] = 0.0
+    for r0 in range(o0, o1, block_rows):
+        r1 = min(r0 + block_rows, o1)
+        r4 = r0 + (r1 - r0) // 4 * 4
+        for c in range(C):
+            sg[c] = zero
+            sgx[c] = zero
+        for o in range(r0, r4, 4):
+            x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
+            g0, g1, g2, g3 = dy[o], dy[o + 1], dy[o + 2], dy[o + 3]
+            for c in range(C):
+                mc, ac, tc = m[c], a[c], t[c]
+                e0, e1, e2, e3 = x0[c] - mc, x1[c] - mc, x2[c] - mc, x3[c] - mc
+                # _gate's test on the same (x - m) * a + t, x - m computed once
+                h0 = g0[c] if (not relu) | (e0 * ac + tc > 0.0) else zero
+                h1 = g1[c] if (not relu) | (e1 * ac + tc > 0.0) else zero
+                h2 = g2[c] if (not relu) | (e2 * ac + tc > 0.0) else zero
+                h3 = g3[c] if (not relu) | (e3 * ac + tc > 0.0) else zero
+                sg[c] += (h0 + h1) + (h2 + h3)
+                sgx[c] += (h0 * e0 + h1 * e1) + (h2 * e2 + h3 * e3)
+        for o in range(r4, r1):
+            xr = x[o]
+            gr = dy[o]
+            for c in range(C):
+                g = _gate(gr[c], xr[c], m[c], a[c], t[c], relu, zero)
+                sg[c] += g
+                sgx[c] += g * (xr[c] - m[c])
+        for c in range(C):
+            psum[c] += np.float64(sg[c])
+            pdot[c] += np.float64(sgx[c])
+
+
 @_Kernel
 def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, acc, psum, pdot):
-    R, C = x.shape
+    R = x.shape[0]
     for s in prange(nsplit):
-        sg = acc[s, 0]
-        sgx = acc[s, 1]
-        for c in range(C):
-            psum[s, c] = 0.0
-            pdot[s, c] = 0.0
-        for r0 in range(s * R // nsplit, (s + 1) * R // nsplit, block_rows):
-            r1 = min(r0 + block_rows, (s + 1) * R // nsplit)
-            for c in range(C):
-                sg[c] = zero
-                sgx[c] = zero
-            for o in range(r0, r1):
-                xr = x[o]
-                gr = dy[o]
-                for c in range(C):
-                    g = _gate(gr[c], xr[c], m[c], a[c], t[c], relu, zero)
-                    sg[c] += g
-                    sgx[c] += g * (xr[c] - m[c])
-            for c in range(C):
-                psum[s, c] += np.float64(sg[c])
-                pdot[s, c] += np.float64(sgx[c])
+        _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu, block_rows,
+                   zero, acc[s], psum[s], pdot[s])
 
 
 @_Kernel
@@ -321,17 +394,25 @@ def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit):
             dr[i] = g * ac + (xr[i] - mc) * bc + dc
 
 
+@njit(inline="always")
+def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx):
+    """Rows ``o0:o1`` of ``dx = g * a + (x - m) * b + d`` (row by row: four
+    rows per load of the coefficients was 10-25% slower here, measured)."""
+    for o in range(o0, o1):
+        xr = x[o]
+        gr = dy[o]
+        dr = dx[o]
+        for c in range(x.shape[1]):
+            g = _gate(gr[c], xr[c], m[c], a[c], t[c], relu, m[c] - m[c])
+            dr[c] = g * a[c] + (xr[c] - m[c]) * b[c] + d[c]
+
+
 @_Kernel
 def _apply_rows(dy, x, m, a, t, relu, b, d, dx, nsplit):
-    R, C = x.shape
+    R = x.shape[0]
     for s in prange(nsplit):
-        for o in range(s * R // nsplit, (s + 1) * R // nsplit):
-            xr = x[o]
-            gr = dy[o]
-            dr = dx[o]
-            for c in range(C):
-                g = _gate(gr[c], xr[c], m[c], a[c], t[c], relu, m[c] - m[c])
-                dr[c] = g * a[c] + (xr[c] - m[c]) * b[c] + d[c]
+        _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu, b, d,
+                         dx)
 
 
 @njit(inline="always")
@@ -409,6 +490,63 @@ def _backward_fused(dy, x, m, a, t, relu, inv, training, block, zero, cells, dx,
                 dxr[i] = g * ar + (xr[i] - mr) * br + dr_
 
 
+@_Kernel
+def _train_rows(x, w, b, eps, lo, nsplit, block_rows, zero, acc, pn, pmean, pm2, coef, y,
+                mean, var):
+    """Channels-last training forward in one call: per-task statistics, the
+    merge and the coefficients, then normalisation of the same row blocks by
+    the same tasks (each thread finds its rows still in its cache when they
+    fit; and one kernel call instead of three)."""
+    R, C = x.shape
+    for s in prange(nsplit):
+        pn[s] = _rows_moments(x, s * R // nsplit, (s + 1) * R // nsplit, block_rows, zero,
+                              acc[s], pmean[s], pm2[s])
+    _merge_partials(pn, pmean, pm2, mean, var)
+    for c in range(C):  # as _in_dtype
+        a = w[c] / np.sqrt(var[c] + eps)
+        coef[0, c] = mean[c]
+        coef[1, c] = a
+        coef[2, c] = b[c] - (mean[c] - np.float64(coef[0, c])) * a
+    for s in prange(nsplit):
+        _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
+                          lo, y)
+
+
+@_Kernel
+def _backward_rows(dy, x, m, a, t, relu, inv, training, nsplit, block_rows, zero, acc, coef,
+                   psum, pdot, dx, sum_g, sum_gx):
+    """Channels-last backward in one call: per-task sums, their merge and
+    the coefficients, then dx over the same row blocks by the same tasks."""
+    R, C = x.shape
+    for c in range(C):  # as _in_dtype
+        coef[0, c] = m[c]
+        coef[1, c] = a[c]
+        coef[2, c] = t[c] - (m[c] - np.float64(coef[0, c])) * a[c]
+    for s in prange(nsplit):
+        _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
+                   relu, block_rows, zero, acc[s], psum[s], pdot[s])
+    for c in range(C):
+        sum_g[c] = 0.0
+        sum_gx[c] = 0.0
+    for s in range(nsplit):
+        for c in range(C):
+            sum_g[c] += psum[s, c]
+            sum_gx[c] += pdot[s, c]
+    n = np.float64(R)
+    for c in range(C):
+        shift = m[c] - np.float64(coef[0, c])
+        sum_gx[c] -= shift * sum_g[c]
+        bc, dc = 0.0, 0.0
+        if training:
+            bc = -a[c] * inv[c] * inv[c] * sum_gx[c] / n
+            dc = -a[c] * sum_g[c] / n
+        coef[3, c] = bc
+        coef[4, c] = dc - shift * bc
+    for s in prange(nsplit):
+        _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1],
+                         coef[2], relu, coef[3], coef[4], dx)
+
+
 # Host-side drivers ---------------------------------------------------------
 
 
@@ -476,20 +614,17 @@ def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if x3.size == 0:  # an empty batch (a SyncBatchNorm rank's): count 0
         return np.zeros(C), np.full(C, np.nan)
     x2 = _rows(x3)
+    nsplit = _per_channel(x3) if x2 is None else _tasks(x3.size, outer)
+    pn, pmean, pm2 = np.empty(nsplit), np.empty((nsplit, C)), np.empty((nsplit, C))
     if x2 is None:
-        nsplit = _per_channel(x3)
-        pn, pmean, pm2 = (np.empty((C, nsplit)) for _ in range(3))
         cells = np.empty(C * nsplit, x3.dtype)
         _stats_channel_major.on(x3.size)(x3, nsplit, _config.CPU_BLOCK, _zero(x3), cells,
                                          pn, pmean, pm2)
     else:
-        nsplit = _tasks(x3.size, outer)
-        rows = [np.empty((nsplit, C)) for _ in range(3)]
         acc = np.empty((nsplit, 4, C), x3.dtype)
-        _stats_rows.on(x3.size)(x2, nsplit, _block_rows(C), _zero(x3), acc, *rows)
-        pn, pmean, pm2 = (r.T for r in rows)
+        _stats_rows.on(x3.size)(x2, nsplit, _block_rows(C), _zero(x3), acc, pn, pmean, pm2)
     mean, var = np.empty(C), np.empty(C)
-    _merge_partials(pn, pmean, pm2, mean, var)
+    _merge(pn, pmean, pm2, mean, var)
     return mean, var
 
 
@@ -575,27 +710,53 @@ def _fusable(x3) -> bool:
 
 
 def train_fused(x3, w, b, eps, relu, y3):
-    """Cache-blocked training forward: ``(mean, var)``, or None when this
-    input is better served by :func:`stats` then :func:`normalize`."""
+    """Training forward in one kernel call: ``(mean, var)``, or None when this
+    input is better served by :func:`stats` then :func:`normalize`.
+
+    Channels-last input takes the rows kernel (statistics and normalisation
+    of each task's rows by the same task); channel-major input whose channel
+    slabs fit in a core's cache takes one task per channel."""
     x3 = _f32(x3)
-    if not _fusable(x3) or y3.dtype != x3.dtype:
+    if y3.dtype != x3.dtype or x3.size == 0:
         return None
-    C = x3.shape[1]
+    outer, C, _ = x3.shape
     mean, var = np.empty(C), np.empty(C)
+    x2 = _rows(x3)
+    if x2 is not None:
+        nsplit = _tasks(x3.size, outer)
+        _train_rows.on(x3.size)(
+            x2, w, b, float(eps), _lo(relu, x3.dtype), nsplit, _block_rows(C), _zero(x3),
+            np.empty((nsplit, 4, C), x3.dtype), np.empty(nsplit), np.empty((nsplit, C)),
+            np.empty((nsplit, C)), np.empty((3, C), x3.dtype), y3[:, :, 0], mean, var)
+        return mean, var
+    if not _fusable(x3):
+        return None
     _train_fused.on(x3.size)(x3, w, b, float(eps), _lo(relu, x3.dtype), _config.CPU_BLOCK,
                              _zero(x3), np.empty((C, 4), x3.dtype), y3, mean, var)
     return mean, var
 
 
 def backward_fused(dy3, x3, m, a, t, relu, inv, training, dx3):
-    """Cache-blocked backward: ``(sum_g, sum_gx)`` with ``dx3`` written, or
-    None when this input is better served by the two-pass kernels.
-    ``inv`` is the invstd the training coefficients need."""
+    """Backward in one kernel call: ``(sum_g, sum_gx)`` with ``dx3`` written,
+    or None when this input is better served by the two-pass kernels.
+    ``inv`` is the invstd the training coefficients need. Channels-last
+    input takes the rows kernel, channel-major input with cache-sized
+    channel slabs one task per channel (as :func:`train_fused`)."""
     dy3, x3 = _f32(dy3), _f32(x3)
-    if not _fusable(x3) or dx3.dtype != x3.dtype or not dy3.flags.c_contiguous:
+    if dx3.dtype != x3.dtype or x3.size == 0:
         return None
-    C = x3.shape[1]
+    outer, C, _ = x3.shape
     sum_g, sum_gx = np.empty(C), np.empty(C)
+    x2 = _rows(x3)
+    if x2 is not None:
+        nsplit = _tasks(x3.size, outer)
+        _backward_rows.on(x3.size)(
+            dy3[:, :, 0], x2, m, a, t, relu, inv, training, nsplit, _block_rows(C),
+            _zero(x3), np.empty((nsplit, 2, C), x3.dtype), np.empty((5, C), x3.dtype),
+            np.empty((nsplit, C)), np.empty((nsplit, C)), dx3[:, :, 0], sum_g, sum_gx)
+        return sum_g, sum_gx
+    if not _fusable(x3) or not dy3.flags.c_contiguous:
+        return None
     _backward_fused.on(x3.size)(dy3, x3, m, a, t, relu, inv, training, _config.CPU_BLOCK,
                                 _zero(x3), np.empty((C, 5), x3.dtype), dx3, sum_g, sum_gx)
     return sum_g, sum_gx
