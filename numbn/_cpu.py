@@ -134,15 +134,19 @@ def _stats_channel_major(x, nsplit, block, zero, cells, pn, pmean, pm2):
 
 
 @njit(inline="always")
-def _rows_moments(x, o0, o1, block_rows, zero, acc, pmean, pm2):
+def _rows_moments(x, o0, o1, block_rows, zero, pmean, pm2):
     """Per-channel (mean, M2) of rows ``o0:o1`` of 2-D ``x`` (rows, C) into
     ``pmean`` and ``pm2`` (length C); returns the row count. Blocks of
     ``block_rows`` rows are reduced two-pass in x's dtype (the second pass
-    hits the cache) through the ``(4, C)`` scratch ``acc``, and merged with
-    Chan's formula in float64. Rows go four at a time into one update of the
-    accumulators (a row of 64 channels is only four AVX-512 vectors: per-row
-    loop and accumulator traffic made this 2x slower, measured)."""
+    hits the cache) and merged with Chan's formula in float64. Rows go four
+    at a time into one update of the accumulators (a row of 64 channels is
+    only four AVX-512 vectors: per-row loop and accumulator traffic made this
+    2x slower, measured)."""
     C = x.shape[1]
+    # Accumulators allocated here, not passed in: LLVM then knows they alias
+    # no input row, and vectorises without runtime overlap checks (with a
+    # caller's scratch this loop ran scalar, 3x slower, measured).
+    acc = np.empty((4, C), x.dtype)
     bs = acc[0]
     sh = acc[1]
     d1 = acc[2]
@@ -192,7 +196,7 @@ def _rows_moments(x, o0, o1, block_rows, zero, acc, pmean, pm2):
 
 
 @_Kernel
-def _stats_rows(x, nsplit, block_rows, zero, acc, pn, pmean, pm2):
+def _stats_rows(x, nsplit, block_rows, zero, pn, pmean, pm2):
     """Channels-last statistics of 2-D ``x`` (rows, C), per-task row blocks.
 
     The partials are ``(nsplit, C)``: each task owns a row, so no two threads
@@ -202,7 +206,7 @@ def _stats_rows(x, nsplit, block_rows, zero, acc, pn, pmean, pm2):
     R = x.shape[0]
     for s in prange(nsplit):
         pn[s] = _rows_moments(x, s * R // nsplit, (s + 1) * R // nsplit, block_rows, zero,
-                              acc[s], pmean[s], pm2[s])
+                              pmean[s], pm2[s])
 
 
 @njit(inline="always")
@@ -324,12 +328,14 @@ def _sums_channel_major(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot):
 
 
 @njit(inline="always")
-def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, acc, psum, pdot):
+def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot):
     """``sum(g)`` and ``sum(g * (x - m))`` per channel over rows ``o0:o1``
     into ``psum`` and ``pdot`` (length C): blocks of ``block_rows`` rows
-    summed in x's dtype through the ``(2, C)`` scratch ``acc``, then float64;
-    four rows per update of the accumulators, as in :func:`_rows_moments`."""
+    summed in x's dtype, then float64. Row by row: the four-row form of
+    :func:`_rows_moments` was 3x slower here once x and dy left the cache
+    (measured; not understood)."""
     C = x.shape[1]
+    acc = np.empty((2, C), x.dtype)  # not the caller's: see _rows_moments
     sg = acc[0]
     sgx = acc[1]
     for c in range(C):
@@ -337,24 +343,10 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, acc, psum, pdot):
         pdot[c] = 0.0
     for r0 in range(o0, o1, block_rows):
         r1 = min(r0 + block_rows, o1)
-        r4 = r0 + (r1 - r0) // 4 * 4
         for c in range(C):
             sg[c] = zero
             sgx[c] = zero
-        for o in range(r0, r4, 4):
-            x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
-            g0, g1, g2, g3 = dy[o], dy[o + 1], dy[o + 2], dy[o + 3]
-            for c in range(C):
-                mc, ac, tc = m[c], a[c], t[c]
-                e0, e1, e2, e3 = x0[c] - mc, x1[c] - mc, x2[c] - mc, x3[c] - mc
-                # _gate's test on the same (x - m) * a + t, x - m computed once
-                h0 = g0[c] if (not relu) | (e0 * ac + tc > 0.0) else zero
-                h1 = g1[c] if (not relu) | (e1 * ac + tc > 0.0) else zero
-                h2 = g2[c] if (not relu) | (e2 * ac + tc > 0.0) else zero
-                h3 = g3[c] if (not relu) | (e3 * ac + tc > 0.0) else zero
-                sg[c] += (h0 + h1) + (h2 + h3)
-                sgx[c] += (h0 * e0 + h1 * e1) + (h2 * e2 + h3 * e3)
-        for o in range(r4, r1):
+        for o in range(r0, r1):
             xr = x[o]
             gr = dy[o]
             for c in range(C):
@@ -367,11 +359,11 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, acc, psum, pdot):
 
 
 @_Kernel
-def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, acc, psum, pdot):
+def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, psum, pdot):
     R = x.shape[0]
     for s in prange(nsplit):
         _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu, block_rows,
-                   zero, acc[s], psum[s], pdot[s])
+                   zero, psum[s], pdot[s])
 
 
 @_Kernel
@@ -491,7 +483,7 @@ def _backward_fused(dy, x, m, a, t, relu, inv, training, block, zero, cells, dx,
 
 
 @_Kernel
-def _train_rows(x, w, b, eps, lo, nsplit, block_rows, zero, acc, pn, pmean, pm2, coef, y,
+def _train_rows(x, w, b, eps, lo, nsplit, block_rows, zero, pn, pmean, pm2, coef, y,
                 mean, var):
     """Channels-last training forward in one call: per-task statistics, the
     merge and the coefficients, then normalisation of the same row blocks by
@@ -500,7 +492,7 @@ def _train_rows(x, w, b, eps, lo, nsplit, block_rows, zero, acc, pn, pmean, pm2,
     R, C = x.shape
     for s in prange(nsplit):
         pn[s] = _rows_moments(x, s * R // nsplit, (s + 1) * R // nsplit, block_rows, zero,
-                              acc[s], pmean[s], pm2[s])
+                              pmean[s], pm2[s])
     _merge_partials(pn, pmean, pm2, mean, var)
     for c in range(C):  # as _in_dtype
         a = w[c] / np.sqrt(var[c] + eps)
@@ -513,7 +505,7 @@ def _train_rows(x, w, b, eps, lo, nsplit, block_rows, zero, acc, pn, pmean, pm2,
 
 
 @_Kernel
-def _backward_rows(dy, x, m, a, t, relu, inv, training, nsplit, block_rows, zero, acc, coef,
+def _backward_rows(dy, x, m, a, t, relu, inv, training, nsplit, block_rows, zero, coef,
                    psum, pdot, dx, sum_g, sum_gx):
     """Channels-last backward in one call: per-task sums, their merge and
     the coefficients, then dx over the same row blocks by the same tasks."""
@@ -524,7 +516,7 @@ def _backward_rows(dy, x, m, a, t, relu, inv, training, nsplit, block_rows, zero
         coef[2, c] = t[c] - (m[c] - np.float64(coef[0, c])) * a[c]
     for s in prange(nsplit):
         _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
-                   relu, block_rows, zero, acc[s], psum[s], pdot[s])
+                   relu, block_rows, zero, psum[s], pdot[s])
     for c in range(C):
         sum_g[c] = 0.0
         sum_gx[c] = 0.0
@@ -621,8 +613,7 @@ def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         _stats_channel_major.on(x3.size)(x3, nsplit, _config.CPU_BLOCK, _zero(x3), cells,
                                          pn, pmean, pm2)
     else:
-        acc = np.empty((nsplit, 4, C), x3.dtype)
-        _stats_rows.on(x3.size)(x2, nsplit, _block_rows(C), _zero(x3), acc, pn, pmean, pm2)
+        _stats_rows.on(x3.size)(x2, nsplit, _block_rows(C), _zero(x3), pn, pmean, pm2)
     mean, var = np.empty(C), np.empty(C)
     _merge(pn, pmean, pm2, mean, var)
     return mean, var
@@ -675,9 +666,8 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
     else:
         nsplit = _tasks(x3.size, outer)
         psum, pdot = np.empty((nsplit, C)), np.empty((nsplit, C))
-        acc = np.empty((nsplit, 2, C), x3.dtype)
         _sums_rows.on(x3.size)(dy3[:, :, 0], x2, mx, a, t, relu, nsplit, _block_rows(C),
-                               _zero(x3), acc, psum, pdot)
+                               _zero(x3), psum, pdot)
         psum, pdot = psum.T, pdot.T  # (C, nsplit), as the channel-major partials
     sum_g = psum.sum(axis=1)
     return sum_g, pdot.sum(axis=1) - (m - mx.astype(np.float64)) * sum_g
@@ -726,7 +716,7 @@ def train_fused(x3, w, b, eps, relu, y3):
         nsplit = _tasks(x3.size, outer)
         _train_rows.on(x3.size)(
             x2, w, b, float(eps), _lo(relu, x3.dtype), nsplit, _block_rows(C), _zero(x3),
-            np.empty((nsplit, 4, C), x3.dtype), np.empty(nsplit), np.empty((nsplit, C)),
+            np.empty(nsplit), np.empty((nsplit, C)),
             np.empty((nsplit, C)), np.empty((3, C), x3.dtype), y3[:, :, 0], mean, var)
         return mean, var
     if not _fusable(x3):
@@ -752,7 +742,7 @@ def backward_fused(dy3, x3, m, a, t, relu, inv, training, dx3):
         nsplit = _tasks(x3.size, outer)
         _backward_rows.on(x3.size)(
             dy3[:, :, 0], x2, m, a, t, relu, inv, training, nsplit, _block_rows(C),
-            _zero(x3), np.empty((nsplit, 2, C), x3.dtype), np.empty((5, C), x3.dtype),
+            _zero(x3), np.empty((5, C), x3.dtype),
             np.empty((nsplit, C)), np.empty((nsplit, C)), dx3[:, :, 0], sum_g, sum_gx)
         return sum_g, sum_gx
     if not _fusable(x3) or not dy3.flags.c_contiguous:
