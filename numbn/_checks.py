@@ -6,6 +6,8 @@ caller's arrays and the running statistics as they were.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ._dispatch import is_device_array
@@ -62,7 +64,7 @@ def vector(v, c: int, name: str, *, writable: bool = False):
 def training_count(shape, axis: int) -> int:
     """Values per channel in a training batch; refuses fewer than two."""
     c = shape[axis]
-    n = int(np.prod(shape, dtype=np.int64)) // c if c else 0
+    n = math.prod(shape) // c if c else 0
     if n == 0:
         raise ValueError(f"cannot train on an empty batch (input shape {tuple(shape)})")
     if n == 1:

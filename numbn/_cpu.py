@@ -539,6 +539,25 @@ def _backward_rows(dy, x, m, a, t, relu, inv, training, nsplit, block_rows, zero
                          coef[2], relu, coef[3], coef[4], dx)
 
 
+@njit(cache=True)  # no fastmath: the same IEEE operations as _reference.update_running
+def _update_running(running, batch, factor):
+    for c in range(running.shape[0]):
+        running[c] = (1.0 - factor) * np.float64(running[c]) + factor * batch[c]
+
+
+def update_running(running_mean, running_var, mean, var, factor: float) -> None:
+    """``r = (1 - factor) * r + factor * batch`` in place for both running
+    statistics (NumPy arrays of any float dtype; float16 through a float64
+    copy), computed in float64 as :func:`numbn._reference.update_running`."""
+    for r, batch in ((running_mean, mean), (running_var, var)):
+        if r.dtype == np.float16:
+            held = r.astype(np.float64)
+            _update_running(held, batch, factor)
+            r[...] = held
+        else:
+            _update_running(r, batch, factor)
+
+
 # Host-side drivers ---------------------------------------------------------
 
 

@@ -244,6 +244,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
 def update_running(running_mean, running_var, mean, var, count, factor, *, unbiased):
     """``r = (1 - factor) * r + factor * batch`` in place, for mean and variance."""
     var = var * (count / (count - 1)) if unbiased else var
+    if isinstance(running_mean, np.ndarray) and isinstance(running_var, np.ndarray):
+        from . import _cpu  # one compiled loop: the NumPy form was 11 us at C=1024
+
+        _cpu.update_running(running_mean, running_var, np.asarray(mean, np.float64),
+                            np.asarray(var, np.float64), float(factor))
+        return
     for r, batch in ((running_mean, mean), (running_var, var)):
         held = _Host.host(r) if isinstance(r, np.ndarray) else _engine("cuda").host(r)
         new = _reference.update_running(held, np.asarray(batch, np.float64), factor)
