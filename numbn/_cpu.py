@@ -50,6 +50,8 @@ from . import _config
 _FASTMATH = {"reassoc", "contract"}
 #: Chunks of ``dy`` the ReLU-gated backward sums prefetch ahead (:func:`_prefetch_ahead`).
 _LEAD = 2
+#: Elements per run of the channel-major apply's prefetch under the ReLU.
+_APPLY_RUN = 4096
 _FLAGS = dict(parallel=True, cache=True, fastmath=_FASTMATH)
 
 
@@ -372,9 +374,23 @@ def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit):
         dr = dx[o, c, i0:i1]
         mc, ac, tc, bc, dc = m[c], a[c], t[c], b[c], d[c]
         zero = mc - mc
-        for i in range(i1 - i0):
-            g = _gate(gr[i], xr[i], mc, ac, tc, relu, zero)
-            dr[i] = g * ac + (xr[i] - mc) * bc + dc
+        if relu:  # as _prefetch_ahead: the next tasks' dy, then this one's chunk by chunk
+            ahead = min(task + _LEAD, outer * C * isplit - 1)
+            ra = ahead // isplit
+            sa = ahead - ra * isplit
+            oa = ra // C
+            _prefetch_run(dy[oa, ra - oa * C, sa * inner // isplit:(sa + 1) * inner // isplit])
+        run = _APPLY_RUN if relu else max(i1 - i0, 1)  # plain: one run, as before
+        for k0 in range(0, i1 - i0, run):
+            k1 = min(k0 + run, i1 - i0)
+            if relu:
+                _prefetch_run(gr[k1:min(k1 + run, i1 - i0)])
+            xk = xr[k0:k1]
+            gk = gr[k0:k1]
+            dk = dr[k0:k1]
+            for i in range(k1 - k0):
+                g = _gate(gk[i], xk[i], mc, ac, tc, relu, zero)
+                dk[i] = g * ac + (xk[i] - mc) * bc + dc
 
 
 @_Kernel
