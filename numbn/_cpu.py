@@ -40,11 +40,18 @@ import types
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import _config
 
 _FASTMATH = {"reassoc", "contract"}
+#: Chunks of ``dy`` the ReLU-gated backward sums prefetch ahead (:func:`_prefetch_ahead`).
+_LEAD = 2
+#: Elements per run of the channel-major apply's prefetch under the ReLU.
+_APPLY_RUN = 4096
 _FLAGS = dict(parallel=True, cache=True, fastmath=_FASTMATH)
 
 
@@ -257,6 +264,55 @@ def _gate(g, xv, m, a, t, relu, zero):
     return g if keep else zero
 
 
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Hint the cache to fetch the line holding ``arr[idx]`` (1-D ``arr``):
+    ``llvm.prefetch``, read, into L1. A hint, never a fault; no effect on results."""
+    def codegen(context, builder, signature, args):
+        aryty, idxty = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        i = context.cast(builder, args[1], idxty, numba.types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [i])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return numba.types.void(arr, idx), codegen
+
+
+@njit(inline="always")
+def _prefetch_run(r):
+    """Prefetch every cache line of the 1-D run ``r``."""
+    for i in range(0, r.shape[0], max(1, 64 // r.itemsize)):
+        _prefetch(r, i)
+
+
+@njit(inline="always")
+def _prefetch_ahead(dy, o, c, b0, block, lead):
+    """Prefetch ``dy``'s chunk ``lead`` chunks after the one at ``[o, c, b0:]``
+    in a chunk loop over ``o`` then ``b0`` in steps of ``block``.
+
+    Why: under the fused ReLU the gated ``dy`` compiles to a masked load
+    (AVX-512), which waits for its mask, i.e. for ``x``'s load and the
+    forward's arithmetic; streaming from memory, that dependency cost 1.4-2x
+    over plain (serial sums kernel, measured), most at short inner runs where
+    the hardware prefetcher has no stream to follow. Prefetched, the masked
+    loads hit the cache and relu runs at plain's speed on short runs.
+    """
+    outer = dy.shape[0]
+    inner = dy.shape[2]
+    for _ in range(lead):
+        b0 += block
+        if b0 >= inner:
+            o += 1
+            b0 = 0
+    if o < outer:
+        _prefetch_run(dy[o, c, b0:min(b0 + block, inner)])
+
+
 @njit(inline="always")
 def _chunk_sums(gr, xr, m, a, t, relu, zero):
     """``sum(g)`` and ``sum(g * (x - m))`` of one chunk, summed in x's dtype
@@ -320,6 +376,8 @@ def _sums_channel_major(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot):
             i1 = min(f1 - o * inner, inner)
             for b0 in range(i0, i1, block):
                 b1 = min(b0 + block, i1)
+                if relu:
+                    _prefetch_ahead(dy, o, c, b0, block, _LEAD)
                 sg, sgx = _chunk_sums(dy[o, c, b0:b1], x[o, c, b0:b1], mc, ac, tc, relu, zero)
                 acc_g += sg
                 acc_gx += sgx
@@ -381,9 +439,23 @@ def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit):
         dr = dx[o, c, i0:i1]
         mc, ac, tc, bc, dc = m[c], a[c], t[c], b[c], d[c]
         zero = mc - mc
-        for i in range(i1 - i0):
-            g = _gate(gr[i], xr[i], mc, ac, tc, relu, zero)
-            dr[i] = g * ac + (xr[i] - mc) * bc + dc
+        if relu:  # as _prefetch_ahead: the next tasks' dy, then this one's chunk by chunk
+            ahead = min(task + _LEAD, outer * C * isplit - 1)
+            ra = ahead // isplit
+            sa = ahead - ra * isplit
+            oa = ra // C
+            _prefetch_run(dy[oa, ra - oa * C, sa * inner // isplit:(sa + 1) * inner // isplit])
+        run = _APPLY_RUN if relu else max(i1 - i0, 1)  # plain: one run, as before
+        for k0 in range(0, i1 - i0, run):
+            k1 = min(k0 + run, i1 - i0)
+            if relu:
+                _prefetch_run(gr[k1:min(k1 + run, i1 - i0)])
+            xk = xr[k0:k1]
+            gk = gr[k0:k1]
+            dk = dr[k0:k1]
+            for i in range(k1 - k0):
+                g = _gate(gk[i], xk[i], mc, ac, tc, relu, zero)
+                dk[i] = g * ac + (xk[i] - mc) * bc + dc
 
 
 @njit(inline="always")
@@ -461,6 +533,8 @@ def _backward_fused(dy, x, m, a, t, relu, inv, training, block, zero, cells, dx,
         for o in range(outer):
             for b0 in range(0, inner, block):
                 b1 = min(b0 + block, inner)
+                if relu:
+                    _prefetch_ahead(dy, o, c, b0, block, _LEAD)
                 sg, sgx = _chunk_sums(dy[o, c, b0:b1], x[o, c, b0:b1], mr, ar, tr, relu, zero)
                 acc_g += sg
                 acc_gx += sgx
