@@ -16,6 +16,10 @@ CPU_BLOCK = 4096
 #: fitting in a core's L2 cache for the second pass.
 CPU_ROWS_BLOCK = 32768
 
+#: How far ahead (bytes of dy) the ReLU-gated channels-last backward kernels
+#: prefetch dy, whose gated load waits on x (see ``_cpu._prefetch_ahead``).
+CPU_ROWS_PREFETCH_BYTES = 4096
+
 #: Largest channel slab (bytes of x per channel) that the fused kernels take
 #: in one task: statistics, then normalisation while the slab is still in the
 #: core's cache (L2 is 1 MiB per core on the machine this was tuned on).
