@@ -583,6 +583,18 @@ def _backward_fused(dy, x, m, a, t, relu, inv, training, block, zero, cells, dx,
                 dxr[i] = g * ar + (xr[i] - mr) * br + dr_
 
 
+@njit(inline="always")
+def _coefficients_in_dtype(coef, c, m, a, t):
+    """Column ``c`` of ``coef`` (rows m, a, t in x's dtype) from float64
+    ``m, a, t`` as :func:`_in_dtype` rounds them: ``t`` absorbs the rounding
+    of ``m``. Returns that rounding, ``m - m_rounded``."""
+    coef[0, c] = m
+    coef[1, c] = a
+    shift = m - np.float64(coef[0, c])
+    coef[2, c] = t - shift * a
+    return shift
+
+
 @_Kernel
 def _train_rows(x, w, b, eps, lo, nsplit, block_rows, zero, pn, pmean, pm2, coef, y,
                 mean, var):
@@ -595,11 +607,8 @@ def _train_rows(x, w, b, eps, lo, nsplit, block_rows, zero, pn, pmean, pm2, coef
         pn[s] = _rows_moments(x, s * R // nsplit, (s + 1) * R // nsplit, block_rows, zero,
                               pmean[s], pm2[s])
     _merge_partials(pn, pmean, pm2, mean, var)
-    for c in range(C):  # as _in_dtype
-        a = w[c] / np.sqrt(var[c] + eps)
-        coef[0, c] = mean[c]
-        coef[1, c] = a
-        coef[2, c] = b[c] - (mean[c] - np.float64(coef[0, c])) * a
+    for c in range(C):
+        _coefficients_in_dtype(coef, c, mean[c], w[c] / np.sqrt(var[c] + eps), b[c])
     for s in prange(nsplit):
         _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
                           lo, y)
@@ -611,10 +620,8 @@ def _backward_rows(dy, x, m, a, t, relu, inv, training, nsplit, block_rows, zero
     """Channels-last backward in one call: per-task sums, their merge and
     the coefficients, then dx over the same row blocks by the same tasks."""
     R, C = x.shape
-    for c in range(C):  # as _in_dtype
-        coef[0, c] = m[c]
-        coef[1, c] = a[c]
-        coef[2, c] = t[c] - (m[c] - np.float64(coef[0, c])) * a[c]
+    for c in range(C):
+        _coefficients_in_dtype(coef, c, m[c], a[c], t[c])
     for s in prange(nsplit):
         _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
                    relu, block_rows, zero, psum[s], pdot[s])
