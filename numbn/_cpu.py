@@ -15,10 +15,14 @@ so the innermost loop runs along contiguous channels. Either way a task owns
 its partial results and the partials are merged afterwards; no two threads
 write one location.
 
-Variance: each task reduces blocks of ``_config.CPU_BLOCK`` elements by the
-two-pass formula (the second pass hits the cache) and merges blocks and tasks
-with Chan's formula, so there is no E[x^2] - E[x]^2 cancellation
-(pinned by ``tests/test_numerics.py::test_large_mean_small_std``).
+Variance: each task reduces blocks of ``_config.CPU_BLOCK`` elements and
+merges blocks and tasks with Chan's formula. A block's sums are shifted by the
+mean of the task's blocks before it, so one pass gives the block's (mean, M2)
+by the shifted-data formula; the first block, and any block whose mean lies
+too far from that shift, takes two passes (its own mean, then deviations from
+it; the second pass hits the cache). There is no E[x^2] - E[x]^2 cancellation
+(pinned by ``tests/test_numerics.py::test_large_mean_small_std`` and
+``test_statistics_of_moving_data``).
 
 Arithmetic runs in the input's dtype (float32 for float16 and float32 input:
 twice float64's SIMD width; this machine's kernels are compute-bound), with
@@ -91,29 +95,44 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @njit(inline="always")
-def _chunk_moments(xr, zero, shift_cell):
+def _shifted_chunk(xr, sh, zero):
+    """``sum(x - sh)`` and ``sum((x - sh)**2)`` of the 1-D chunk ``xr``,
+    summed in its dtype, returned in float64."""
+    d1 = zero
+    d2 = zero
+    for i in range(xr.shape[0]):
+        d = xr[i] - sh
+        d1 += d
+        d2 += d * d
+    return np.float64(d1), np.float64(d2)
+
+
+@njit(inline="always")
+def _chunk_moments(xr, zero, shift_cell, shifted):
     """(count, mean, M2) of the 1-D chunk ``xr`` in float64.
 
     Sums run in ``xr``'s dtype (float32 for float32 input: twice the SIMD
-    width of float64, and a chunk is short). Pass 1 finds the chunk mean;
-    pass 2 sums deviations from it, rounded to the input dtype through
-    ``shift_cell``, and corrects for that rounding (shifted-data formula with
-    a shift next to the mean: no cancellation).
+    width of float64, and a chunk is short), shifted by a value near the
+    mean (shifted-data formula: no cancellation). With ``shifted``, the
+    shift is ``shift_cell[0]`` (the caller's mean so far, in x's dtype) and
+    one pass does; without it, or when that shift is too far from this
+    chunk's mean (as :func:`_shift_too_far`), pass 1 finds the chunk mean,
+    rounded into ``shift_cell``, and pass 2 sums deviations from it.
     """
     n = xr.shape[0]
+    nb = np.float64(n)
+    if shifted:
+        d1, d2 = _shifted_chunk(xr, shift_cell[0], zero)
+        if not d1 * d1 > 0.5 * nb * d2:  # NaN: kept, and stays in its channel
+            mean_dev = d1 / nb
+            return nb, np.float64(shift_cell[0]) + mean_dev, d2 - d1 * mean_dev
     acc = zero
     for i in range(n):
         acc += xr[i]
     shift_cell[0] = np.float64(acc) / n
-    sh = shift_cell[0]
-    d1 = zero
-    d2 = zero
-    for i in range(n):
-        d = xr[i] - sh
-        d1 += d
-        d2 += d * d
-    mean_dev = np.float64(d1) / n
-    return np.float64(n), np.float64(sh) + mean_dev, np.float64(d2) - np.float64(d1) * mean_dev
+    d1, d2 = _shifted_chunk(xr, shift_cell[0], zero)
+    mean_dev = d1 / nb
+    return nb, np.float64(shift_cell[0]) + mean_dev, d2 - d1 * mean_dev
 
 
 @_Kernel
@@ -132,8 +151,9 @@ def _stats_channel_major(x, nsplit, block, zero, cells, pn, pmean, pm2):
             i1 = min(f1 - o * inner, inner)
             for b0 in range(i0, i1, block):
                 xr = x[o, c, b0:min(b0 + block, i1)]
-                nb, mb, m2b = _chunk_moments(xr, zero, cell)
+                nb, mb, m2b = _chunk_moments(xr, zero, cell, n > 0)
                 n, mean, m2 = _chan_merge(n, mean, m2, nb, mb, m2b)
+                cell[0] = mean  # the next chunk's shift
         if c == 0:  # every channel's split s holds the same count
             pn[s] = n
         pmean[s, c] = mean
@@ -141,14 +161,73 @@ def _stats_channel_major(x, nsplit, block, zero, cells, pn, pmean, pm2):
 
 
 @njit(inline="always")
+def _rows_block_sum(x, r0, r1, zero, bs):
+    """``bs[c] = sum(x[r0:r1, c])`` in x's dtype, four rows per update (a row
+    of 64 channels is only four AVX-512 vectors: a per-row loop and its
+    accumulator traffic were 2x slower, measured)."""
+    r4 = r0 + (r1 - r0) // 4 * 4
+    for c in range(x.shape[1]):
+        bs[c] = zero
+    for o in range(r0, r4, 4):
+        x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
+        for c in range(x.shape[1]):
+            bs[c] += (x0[c] + x1[c]) + (x2[c] + x3[c])
+    for o in range(r4, r1):
+        xr = x[o]
+        for c in range(x.shape[1]):
+            bs[c] += xr[c]
+
+
+@njit(inline="always")
+def _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2):
+    """``d1[c] = sum(x - sh[c])`` and ``d2[c] = sum((x - sh[c])**2)`` over rows
+    ``r0:r1``, in x's dtype, four rows per update."""
+    r4 = r0 + (r1 - r0) // 4 * 4
+    for c in range(x.shape[1]):
+        d1[c] = zero
+        d2[c] = zero
+    for o in range(r0, r4, 4):
+        x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
+        for c in range(x.shape[1]):
+            s = sh[c]
+            e0, e1, e2, e3 = x0[c] - s, x1[c] - s, x2[c] - s, x3[c] - s
+            d1[c] += (e0 + e1) + (e2 + e3)
+            d2[c] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+    for o in range(r4, r1):
+        xr = x[o]
+        for c in range(x.shape[1]):
+            d = xr[c] - sh[c]
+            d1[c] += d
+            d2[c] += d * d
+
+
+@njit(inline="always")
+def _shift_too_far(d1, d2, nb):
+    """Whether any channel's shifted sums lose more than one bit to
+    cancellation: ``M2 = d2 - d1**2 / n`` with ``d1**2 / n`` over half of
+    ``d2``, i.e. the shift is further from the block's mean than its
+    spread. (NaN compares false: a NaN channel stays NaN, nothing redone.)"""
+    bad = 0
+    for c in range(d1.shape[0]):
+        s1 = np.float64(d1[c])
+        bad += s1 * s1 > 0.5 * nb * np.float64(d2[c])
+    return bad > 0
+
+
+@njit(inline="always")
 def _rows_moments(x, o0, o1, block_rows, zero, pmean, pm2):
     """Per-channel (mean, M2) of rows ``o0:o1`` of 2-D ``x`` (rows, C) into
-    ``pmean`` and ``pm2`` (length C); returns the row count. Blocks of
-    ``block_rows`` rows are reduced two-pass in x's dtype (the second pass
-    hits the cache) and merged with Chan's formula in float64. Rows go four
-    at a time into one update of the accumulators (a row of 64 channels is
-    only four AVX-512 vectors: per-row loop and accumulator traffic made this
-    2x slower, measured)."""
+    ``pmean`` and ``pm2`` (length C); returns the row count.
+
+    Blocks of ``block_rows`` rows are reduced in x's dtype and merged with
+    Chan's formula in float64. A block's sums are shifted by the mean of
+    the blocks before it (rounded to x's dtype), so one pass over the block
+    gives its (mean, M2) by the shifted-data formula; the first block, and
+    any block whose mean is too far from that shift (:func:`_shift_too_far`),
+    is reduced two-pass instead, its own mean first (the second pass hits
+    the cache). One pass was 0.64 of the two-pass time on a 25 MB NHWC input
+    (measured), at the same accuracy (tests/test_numerics.py).
+    """
     C = x.shape[1]
     # Accumulators allocated here, not passed in: LLVM then knows they alias
     # no input row (with a caller's scratch the statistics of a 25 MB NHWC
@@ -164,40 +243,22 @@ def _rows_moments(x, o0, o1, block_rows, zero, pmean, pm2):
         pm2[c] = 0.0
     for r0 in range(o0, o1, block_rows):
         r1 = min(r0 + block_rows, o1)
-        r4 = r0 + (r1 - r0) // 4 * 4
         nb = np.float64(r1 - r0)
-        for c in range(C):
-            bs[c] = zero
-            d1[c] = zero
-            d2[c] = zero
-        for o in range(r0, r4, 4):
-            x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
+        redo = True
+        if n > 0:
+            _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2)
+            redo = _shift_too_far(d1, d2, nb)
+        if redo:
+            _rows_block_sum(x, r0, r1, zero, bs)
             for c in range(C):
-                bs[c] += (x0[c] + x1[c]) + (x2[c] + x3[c])
-        for o in range(r4, r1):
-            xr = x[o]
-            for c in range(C):
-                bs[c] += xr[c]
-        for c in range(C):
-            sh[c] = np.float64(bs[c]) / nb
-        for o in range(r0, r4, 4):
-            x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
-            for c in range(C):
-                s = sh[c]
-                e0, e1, e2, e3 = x0[c] - s, x1[c] - s, x2[c] - s, x3[c] - s
-                d1[c] += (e0 + e1) + (e2 + e3)
-                d2[c] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
-        for o in range(r4, r1):
-            xr = x[o]
-            for c in range(C):
-                d = xr[c] - sh[c]
-                d1[c] += d
-                d2[c] += d * d
+                sh[c] = np.float64(bs[c]) / nb
+            _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2)
         for c in range(C):
             mean_dev = np.float64(d1[c]) / nb
             m2b = np.float64(d2[c]) - np.float64(d1[c]) * mean_dev
             _, pmean[c], pm2[c] = _chan_merge(n, pmean[c], pm2[c], nb,
                                               np.float64(sh[c]) + mean_dev, m2b)
+            sh[c] = pmean[c]  # the next block's shift: the mean so far
         n += nb
     return n
 
@@ -247,11 +308,26 @@ def _merge(pn, pmean, pm2, mean, var):
 
 
 @njit(inline="always")
-def _bn(xv, m, a, t, lo):
-    """``(x - m) * a + t`` clipped below at ``lo`` (0 for the fused ReLU,
-    -inf otherwise); NaN passes through. Everything in x's dtype."""
+def _relu_bn(xv, m, a, t, zero):
+    """``max((x - m) * a + t, 0)`` in x's dtype; NaN passes through."""
     v = (xv - m) * a + t
-    return lo if v < lo else v
+    return zero if v < zero else v
+
+
+@njit(inline="always")
+def _affine_run(xr, yr, m, a, t, relu, zero):
+    """``yr = (xr - m) * a + t`` along one run, then ReLU if ``relu``.
+
+    Two loops, not one clamp at -inf when there is no ReLU: the compare and
+    select doubled the work per element, and cache-resident inputs are
+    compute-bound (eval at 64x256x14x14: 0.78 of the clamped time, measured).
+    """
+    if relu:
+        for i in range(xr.shape[0]):
+            yr[i] = _relu_bn(xr[i], m, a, t, zero)
+    else:
+        for i in range(xr.shape[0]):
+            yr[i] = (xr[i] - m) * a + t
 
 
 @njit(inline="always")
@@ -326,37 +402,90 @@ def _chunk_sums(gr, xr, m, a, t, relu, zero):
     return np.float64(sg), np.float64(sgx)
 
 
-@_Kernel
-def _affine_channel_major(x, m, a, t, lo, y, isplit):
+@njit(inline="always")
+def _affine_task(x, task, isplit, coef, relu, zero, y):
+    """Elementwise task ``task`` of the channel-major forward: part
+    ``task % isplit`` of row ``(o, c)``'s inner run."""
     outer, C, inner = x.shape
-    for task in prange(outer * C * isplit):
-        row = task // isplit
-        s = task - row * isplit
-        o = row // C
-        c = row - o * C
-        i0 = s * inner // isplit
-        i1 = (s + 1) * inner // isplit
-        xr = x[o, c, i0:i1]
-        yr = y[o, c, i0:i1]
-        mc, ac, tc = m[c], a[c], t[c]
-        for i in range(i1 - i0):
-            yr[i] = _bn(xr[i], mc, ac, tc, lo)
+    row = task // isplit
+    s = task - row * isplit
+    o = row // C
+    c = row - o * C
+    i0 = s * inner // isplit
+    i1 = (s + 1) * inner // isplit
+    _affine_run(x[o, c, i0:i1], y[o, c, i0:i1], coef[0, c], coef[1, c], coef[2, c], relu,
+                zero)
 
 
 @njit(inline="always")
-def _affine_row_range(x, o0, o1, m, a, t, lo, y):
-    for o in range(o0, o1):
-        xr = x[o]
-        yr = y[o]
-        for c in range(x.shape[1]):
-            yr[c] = _bn(xr[c], m[c], a[c], t[c], lo)
+def _scale_coefficients(x, m, a, t):
+    """``(3, C)`` coefficients m, a, t in x's dtype (:func:`_coefficients_in_dtype`)
+    from float64-convertible vectors."""
+    coef = np.empty((3, x.shape[1]), x.dtype)
+    for c in range(x.shape[1]):
+        _coefficients_in_dtype(coef, c, np.float64(m[c]), np.float64(a[c]), np.float64(t[c]))
+    return coef
+
+
+@njit(inline="always")
+def _eval_coefficients(x, mean, var, w, b, eps):
+    """As :func:`_scale_coefficients` with ``a = w / sqrt(var + eps)`` in float64."""
+    coef = np.empty((3, x.shape[1]), x.dtype)
+    for c in range(x.shape[1]):
+        a = np.float64(w[c]) / np.sqrt(np.float64(var[c]) + eps)
+        _coefficients_in_dtype(coef, c, np.float64(mean[c]), a, np.float64(b[c]))
+    return coef
 
 
 @_Kernel
-def _affine_rows(x, m, a, t, lo, y, nsplit):
+def _affine_channel_major(x, m, a, t, relu, zero, y, isplit):
+    coef = _scale_coefficients(x, m, a, t)
+    for task in prange(x.shape[0] * x.shape[1] * isplit):
+        _affine_task(x, task, isplit, coef, relu, zero, y)
+
+
+@_Kernel
+def _infer_channel_major(x, mean, var, w, b, eps, relu, zero, y, isplit):
+    """Inference forward: the coefficients from the running statistics here,
+    not on the host (a few microseconds of NumPy calls per call, which is
+    most of the Python cost of a small eval)."""
+    coef = _eval_coefficients(x, mean, var, w, b, eps)
+    for task in prange(x.shape[0] * x.shape[1] * isplit):
+        _affine_task(x, task, isplit, coef, relu, zero, y)
+
+
+@njit(inline="always")
+def _affine_row_range(x, o0, o1, m, a, t, relu, zero, y):
+    """Rows ``o0:o1`` of ``y = (x - m) * a + t`` (then ReLU): two loops, as
+    :func:`_affine_run`."""
+    for o in range(o0, o1):
+        xr = x[o]
+        yr = y[o]
+        if relu:
+            for c in range(x.shape[1]):
+                yr[c] = _relu_bn(xr[c], m[c], a[c], t[c], zero)
+        else:
+            for c in range(x.shape[1]):
+                yr[c] = (xr[c] - m[c]) * a[c] + t[c]
+
+
+@_Kernel
+def _affine_rows(x, m, a, t, relu, zero, y, nsplit):
+    coef = _scale_coefficients(x, m, a, t)
     R = x.shape[0]
     for s in prange(nsplit):
-        _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, lo, y)
+        _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
+                          relu, zero, y)
+
+
+@_Kernel
+def _infer_rows(x, mean, var, w, b, eps, relu, zero, y, nsplit):
+    """Channels-last inference forward (see :func:`_infer_channel_major`)."""
+    coef = _eval_coefficients(x, mean, var, w, b, eps)
+    R = x.shape[0]
+    for s in prange(nsplit):
+        _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
+                          relu, zero, y)
 
 
 @_Kernel
@@ -514,7 +643,7 @@ def _cast(cell, k, value):
 
 
 @_Kernel
-def _train_fused(x, w, b, eps, lo, block, zero, cells, y, mean_out, var_out):
+def _train_fused(x, w, b, eps, relu, block, zero, cells, y, mean_out, var_out):
     """Training forward with one task per channel, for channels whose slab
     fits in a core's cache: statistics, then normalisation while the slab is
     still cached, so x crosses memory once (2|x| of traffic, not 3|x|)."""
@@ -525,8 +654,9 @@ def _train_fused(x, w, b, eps, lo, block, zero, cells, y, mean_out, var_out):
         for o in range(outer):
             for b0 in range(0, inner, block):
                 nb, mb, m2b = _chunk_moments(x[o, c, b0:min(b0 + block, inner)], zero,
-                                             cell[0:1])
+                                             cell[0:1], n > 0)
                 n, mean, m2 = _chan_merge(n, mean, m2, nb, mb, m2b)
+                cell[0] = mean  # the next chunk's shift
         var = m2 / n
         mean_out[c] = mean
         var_out[c] = var
@@ -535,10 +665,7 @@ def _train_fused(x, w, b, eps, lo, block, zero, cells, y, mean_out, var_out):
         ar = _cast(cell, 2, a)
         tr = _cast(cell, 3, b[c] - (mean - np.float64(mr)) * a)  # as _in_dtype
         for o in range(outer):
-            xr = x[o, c]
-            yr = y[o, c]
-            for i in range(inner):
-                yr[i] = _bn(xr[i], mr, ar, tr, lo)
+            _affine_run(x[o, c], y[o, c], mr, ar, tr, relu, zero)
 
 
 @_Kernel
@@ -596,7 +723,7 @@ def _coefficients_in_dtype(coef, c, m, a, t):
 
 
 @_Kernel
-def _train_rows(x, w, b, eps, lo, nsplit, block_rows, zero, pn, pmean, pm2, coef, y,
+def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, coef, y,
                 mean, var):
     """Channels-last training forward in one call: per-task statistics, the
     merge and the coefficients, then normalisation of the same row blocks by
@@ -611,7 +738,7 @@ def _train_rows(x, w, b, eps, lo, nsplit, block_rows, zero, pn, pmean, pm2, coef
         _coefficients_in_dtype(coef, c, mean[c], w[c] / np.sqrt(var[c] + eps), b[c])
     for s in prange(nsplit):
         _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
-                          lo, y)
+                          relu, zero, y)
 
 
 @_Kernel
@@ -698,10 +825,6 @@ def _zero(x3):
     return x3.dtype.type(0)
 
 
-def _lo(relu: bool, dtype):
-    return dtype.type(0.0 if relu else -np.inf)
-
-
 def _in_dtype(dtype, m, a, t, *more):
     """The per-channel coefficients in the kernels' arithmetic dtype.
 
@@ -756,21 +879,34 @@ def _isplit(x3) -> int:
     return max(1, _tasks(x3.size, inner) // max(outer * C, 1))
 
 
-def normalize(x3, m, a, t, relu, y3) -> None:
-    """``y3 = (x3 - m[c]) * a[c] + t[c]``, then ReLU if ``relu`` (vectors float64)."""
+def _elementwise(channel_major, rows, x3, y3, *args) -> None:
+    """Run the forward's elementwise kernel pair on ``x3`` into ``y3``:
+    ``kernel(x, *args, zero, y, split)``."""
     if x3.size == 0:
         return
     x3, target = _f32(x3), _writer(y3)
-    m, a, t = _in_dtype(x3.dtype, m, a, t)
-    lo = _lo(relu, x3.dtype)
     x2 = _rows(x3)
     if x2 is None:
-        _affine_channel_major.on(x3.size)(x3, m, a, t, lo, target, _isplit(x3))
+        channel_major.on(x3.size)(x3, *args, _zero(x3), target, _isplit(x3))
     else:
-        _affine_rows.on(x3.size)(x2, m, a, t, lo, target[:, :, 0],
-                                 _tasks(x3.size, x2.shape[0]))
+        rows.on(x3.size)(x2, *args, _zero(x3), target[:, :, 0], _tasks(x3.size, x2.shape[0]))
     if target is not y3:
         y3[...] = target
+
+
+def normalize(x3, m, a, t, relu, y3) -> None:
+    """``y3 = (x3 - m[c]) * a[c] + t[c]``, then ReLU if ``relu`` (vectors float64)."""
+    _elementwise(_affine_channel_major, _affine_rows, x3, y3, m, a, t, relu)
+
+
+def infer(x3, mean, var, w, b, eps, relu, y3) -> None:
+    """Inference forward ``y3 = (x3 - mean) / sqrt(var + eps) * w + b`` (then
+    ReLU): :func:`normalize` with its coefficients computed in the kernel.
+    Vectors float64; ``w`` and ``b`` may be None (ones, zeros)."""
+    C = x3.shape[1]
+    w = np.ones(C) if w is None else w
+    b = np.zeros(C) if b is None else b
+    _elementwise(_infer_channel_major, _infer_rows, x3, y3, mean, var, w, b, float(eps), relu)
 
 
 def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
@@ -842,13 +978,13 @@ def train_fused(x3, w, b, eps, relu, y3):
     if x2 is not None:
         nsplit = _tasks(x3.size, outer)
         _train_rows.on(x3.size)(
-            x2, w, b, float(eps), _lo(relu, x3.dtype), nsplit, _block_rows(C), _zero(x3),
+            x2, w, b, float(eps), relu, nsplit, _block_rows(C), _zero(x3),
             np.empty(nsplit), np.empty((nsplit, C)),
             np.empty((nsplit, C)), np.empty((3, C), x3.dtype), y3[:, :, 0], mean, var)
         return mean, var
     if not _fusable(x3):
         return None
-    _train_fused.on(x3.size)(x3, w, b, float(eps), _lo(relu, x3.dtype), _config.CPU_BLOCK,
+    _train_fused.on(x3.size)(x3, w, b, float(eps), relu, _config.CPU_BLOCK,
                              _zero(x3), np.empty((C, 4), x3.dtype), y3, mean, var)
     return mean, var
 

@@ -33,6 +33,42 @@ def test_large_mean_small_std(backend, shape, axis, rng, cpu_path):
     assert np.max(np.abs(naive - var_ref) / var_ref) > 0.1
 
 
+def _moving(kind, n, c, rng):
+    """``(n, c)`` values whose level moves along the reduction order."""
+    r = np.arange(n, dtype=np.float64)[:, None]
+    noise = rng.standard_normal((n, c))
+    if kind == "ramp":
+        return r * 10.0 + noise * 0.01
+    if kind == "sorted":
+        return np.sort(noise * 3.0 + 1.0, axis=0)
+    # a step to a level far beyond the spread before it, with a tiny spread
+    return np.where(r < n // 10, noise, 1e3 + noise * 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("kind", ["ramp", "sorted", "step"])
+def test_statistics_of_moving_data(kind, axis, dtype, rng, cpu_path, monkeypatch):
+    """The CPU kernels sum every block after the first in one pass, shifted
+    by the mean of the blocks before it (and fall back to two passes for a
+    block whose mean is too far from that shift): data whose level moves
+    along the batch keeps the reference's statistics to the dtype's tolerance."""
+    from numbn import _config
+
+    monkeypatch.setattr(_config, "CPU_BLOCK", 64)  # many blocks per channel
+    monkeypatch.setattr(_config, "CPU_ROWS_BLOCK", 96)
+    n, c = 6000, 3
+    flat = _moving(kind, n, c, rng)
+    # Reduction order: (N, H*W) per channel for NCHW, rows for channels-last.
+    x = (flat.T.reshape(c, 40, 150).transpose(1, 0, 2) if axis == 1 else flat).astype(dtype)
+    y, mean, invstd = numbn.batch_norm_forward(x, axis=axis, eps=0.0, backend="cpu")
+    y_ref, mean_ref, invstd_ref, _, _ = ref.forward_train(x, eps=0.0, axis=axis)
+    spread = 1.0 / invstd_ref
+    close(mean / spread, mean_ref / spread, dtype)
+    close(invstd * spread, np.ones(c), dtype)
+    close(y, y_ref, dtype)
+
+
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_float64_exact(backend, rng):
     x = rng.standard_normal((16, 8, 9, 9)) * 1e3 + 1e6
