@@ -108,12 +108,16 @@ HOST_BACKENDS = [b for b in numbn.available_backends() if b != "cuda"]
 @pytest.fixture(params=["fused", "two-pass", "serial"])
 def cpu_path(request, monkeypatch):
     """Run a test through the cache-blocked fused kernels (every channel
-    small enough), through the parallel two-pass kernels (fusion off), and
-    through the serial twins of the kernels."""
+    small enough), through the parallel two-pass kernels (fusion off, and
+    every input treated as too large for the cache, so the loops meant for
+    input streamed from memory run), and through the serial twins of the
+    kernels."""
     from numbn import _config
 
     monkeypatch.setattr(_config, "CPU_FUSED_MAX_SLAB_BYTES",
                         1 << 40 if request.param == "fused" else 0)
+    if request.param == "two-pass":
+        monkeypatch.setattr(_config, "CPU_CACHE_BYTES", 0)
     if request.param == "serial":
         monkeypatch.setattr(_config, "CPU_PARALLEL_MIN", 1 << 62)
     return request.param

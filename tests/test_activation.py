@@ -99,7 +99,7 @@ def test_fused_matches_torch(name, shape, axis, dtype, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name, shape, axis", LAYOUTS, ids=LAYOUT_IDS)
-def test_fused_matches_reference(name, shape, axis, dtype, training):
+def test_fused_matches_reference(name, shape, axis, dtype, training, cpu_path):
     args = case(1, shape, axis, dtype)
     expected = numbn_relu_bn(*args, training, axis, backend="numpy")
     got = numbn_relu_bn(*args, training, axis, backend="cpu")
@@ -152,7 +152,7 @@ BOUNDARY_LAYOUTS = [("nchw", (4, 3, 3, 5), 1), ("nhwc", (4, 3, 5, 3), -1),
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name, shape, axis", BOUNDARY_LAYOUTS,
                          ids=[n for n, _, _ in BOUNDARY_LAYOUTS])
-def test_boundary_passes_no_gradient(name, shape, axis, dtype, training):
+def test_boundary_passes_no_gradient(name, shape, axis, dtype, training, cpu_path):
     x, dy, w, b, rm, rv = boundary_case(shape, axis, dtype)
     assert np.all(np.sum(x, axis=tuple(a for a in range(x.ndim) if a != axis % x.ndim)) == 0)
     y, dx, dw, db, _, _ = numbn_relu_bn(x, dy, w, b, rm, rv, training, axis)
@@ -264,4 +264,16 @@ def test_fused_with_split_reductions(tiny_tasks, name, shape, axis, training):
     args = case(9, shape, axis, np.float32)
     expected = numbn_relu_bn(*args, training, axis, backend="numpy")
     for g, e in zip(numbn_relu_bn(*args, training, axis), expected, strict=True):
+        assert_close(g, e, np.float32)
+
+
+@pytest.mark.parametrize("rows", [2, 3, 5, 66, 67])
+@pytest.mark.parametrize("axis", [1, -1], ids=["2d", "nhwc"])
+def test_fused_backward_any_row_count(rows, axis, cpu_path):
+    # The channels-last ReLU sums go four rows at a time with the input in
+    # cache, then row by row for the rest: every remainder of rows mod 4.
+    shape = (rows, 6) if axis == 1 else (rows, 1, 1, 6)
+    args = case(rows, shape, axis, np.float32)
+    expected = numbn_relu_bn(*args, True, axis, backend="numpy")
+    for g, e in zip(numbn_relu_bn(*args, True, axis), expected, strict=True):
         assert_close(g, e, np.float32)
