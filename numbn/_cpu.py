@@ -8,6 +8,11 @@ Four primitives serve every operation and layout:
   ``g`` being ``dy`` masked by the fused ReLU when there is one;
 * :func:`backward_apply`: ``dx = g * a[c] + (x - m[c]) * b[c] + d[c]``.
 
+Three one-call forms skip host work between them: :func:`infer` (eval, the
+coefficients from the running statistics computed in the kernel),
+:func:`train_fused` and :func:`backward_fused` (statistics or sums, then the
+elementwise pass, in one kernel call, while the data may still be cached).
+
 Each has two loop orders. *Channel-major* (a long contiguous inner run, as in
 NCHW) splits every channel's reduction into tasks; *row-major* (channels-last
 and 2-D, inner run short) gives each task a block of rows over all channels,
