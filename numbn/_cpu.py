@@ -113,6 +113,16 @@ def _shifted_chunk(xr, sh, zero):
 
 
 @njit(inline="always")
+def _too_far(d1, d2, nb):
+    """Whether sums shifted by ``sh`` (``d1 = sum(x - sh)``, ``d2 =
+    sum((x - sh)**2)`` over ``nb`` values, float64) lose more than one bit to
+    cancellation in ``M2 = d2 - d1**2 / nb``: ``d1**2 / nb`` over half of
+    ``d2``, i.e. the shift is further from the mean than the spread. NaN
+    compares false: a NaN channel stays NaN, nothing is redone."""
+    return d1 * d1 > 0.5 * nb * d2
+
+
+@njit(inline="always")
 def _chunk_moments(xr, zero, shift_cell, shifted):
     """(count, mean, M2) of the 1-D chunk ``xr`` in float64.
 
@@ -121,21 +131,21 @@ def _chunk_moments(xr, zero, shift_cell, shifted):
     mean (shifted-data formula: no cancellation). With ``shifted``, the
     shift is ``shift_cell[0]`` (the caller's mean so far, in x's dtype) and
     one pass does; without it, or when that shift is too far from this
-    chunk's mean (as :func:`_shift_too_far`), pass 1 finds the chunk mean,
+    chunk's mean (:func:`_too_far`), pass 1 finds the chunk mean,
     rounded into ``shift_cell``, and pass 2 sums deviations from it.
     """
     n = xr.shape[0]
     nb = np.float64(n)
+    redo = True
     if shifted:
         d1, d2 = _shifted_chunk(xr, shift_cell[0], zero)
-        if not d1 * d1 > 0.5 * nb * d2:  # NaN: kept, and stays in its channel
-            mean_dev = d1 / nb
-            return nb, np.float64(shift_cell[0]) + mean_dev, d2 - d1 * mean_dev
-    acc = zero
-    for i in range(n):
-        acc += xr[i]
-    shift_cell[0] = np.float64(acc) / n
-    d1, d2 = _shifted_chunk(xr, shift_cell[0], zero)
+        redo = _too_far(d1, d2, nb)
+    if redo:
+        acc = zero
+        for i in range(n):
+            acc += xr[i]
+        shift_cell[0] = np.float64(acc) / n
+        d1, d2 = _shifted_chunk(xr, shift_cell[0], zero)
     mean_dev = d1 / nb
     return nb, np.float64(shift_cell[0]) + mean_dev, d2 - d1 * mean_dev
 
@@ -208,14 +218,10 @@ def _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2):
 
 @njit(inline="always")
 def _shift_too_far(d1, d2, nb):
-    """Whether any channel's shifted sums lose more than one bit to
-    cancellation: ``M2 = d2 - d1**2 / n`` with ``d1**2 / n`` over half of
-    ``d2``, i.e. the shift is further from the block's mean than its
-    spread. (NaN compares false: a NaN channel stays NaN, nothing redone.)"""
+    """:func:`_too_far` for any channel of the per-channel sums ``d1``, ``d2``."""
     bad = 0
     for c in range(d1.shape[0]):
-        s1 = np.float64(d1[c])
-        bad += s1 * s1 > 0.5 * nb * np.float64(d2[c])
+        bad += _too_far(np.float64(d1[c]), np.float64(d2[c]), nb)
     return bad > 0
 
 
@@ -542,10 +548,10 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
             e0, e1, e2, e3 = x0[c] - mc, x1[c] - mc, x2[c] - mc, x3[c] - mc
             # dy loaded whatever the gate says: a load under the gate is a masked load.
             u0, u1, u2, u3 = g0[c], g1[c], g2[c], g3[c]
-            h0 = u0 if e0 * ac + tc > 0.0 else zero  # the forward's expression, as _gate
-            h1 = u1 if e1 * ac + tc > 0.0 else zero
-            h2 = u2 if e2 * ac + tc > 0.0 else zero
-            h3 = u3 if e3 * ac + tc > 0.0 else zero
+            h0 = _gate(u0, x0[c], mc, ac, tc, True, zero)
+            h1 = _gate(u1, x1[c], mc, ac, tc, True, zero)
+            h2 = _gate(u2, x2[c], mc, ac, tc, True, zero)
+            h3 = _gate(u3, x3[c], mc, ac, tc, True, zero)
             sg[c] += (h0 + h1) + (h2 + h3)
             sgx[c] += (h0 * e0 + h1 * e1) + (h2 * e2 + h3 * e3)
 
@@ -755,19 +761,17 @@ def _coefficients_in_dtype(coef, c, m, a, t):
 
 
 @_Kernel
-def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, coef, y,
-                mean, var):
+def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y, mean, var):
     """Channels-last training forward in one call: per-task statistics, the
     merge and the coefficients, then normalisation of the same row blocks by
     the same tasks (each thread finds its rows still in its cache when they
     fit; and one kernel call instead of three)."""
-    R, C = x.shape
+    R = x.shape[0]
     for s in prange(nsplit):
         pn[s] = _rows_moments(x, s * R // nsplit, (s + 1) * R // nsplit, block_rows, zero,
                               pmean[s], pm2[s])
     _merge_partials(pn, pmean, pm2, mean, var)
-    for c in range(C):
-        _coefficients_in_dtype(coef, c, mean[c], w[c] / np.sqrt(var[c] + eps), b[c])
+    coef = _eval_coefficients(x, mean, var, w, b, eps)
     for s in prange(nsplit):
         _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
                           relu, zero, y)
@@ -1017,8 +1021,8 @@ def train_fused(x3, w, b, eps, relu, y3):
         nsplit = _tasks(x3.size, outer)
         _train_rows.on(x3.size)(
             x2, w, b, float(eps), relu, nsplit, _block_rows(C), _zero(x3),
-            np.empty(nsplit), np.empty((nsplit, C)),
-            np.empty((nsplit, C)), np.empty((3, C), x3.dtype), y3[:, :, 0], mean, var)
+            np.empty(nsplit), np.empty((nsplit, C)), np.empty((nsplit, C)), y3[:, :, 0],
+            mean, var)
         return mean, var
     if not _fusable(x3):
         return None
