@@ -706,20 +706,28 @@ def _train_fused(x, w, b, eps, relu, block, zero, cells, y, mean_out, var_out):
             _affine_run(x[o, c], y[o, c], mr, ar, tr, relu, zero)
 
 
+@njit(inline="always")
+def _backward_vectors(mean, inv, w, b, c):
+    """Channel ``c``'s float64 ``m, inv, a = w * inv, t`` of a backward."""
+    invc = np.float64(inv[c])
+    return np.float64(mean[c]), invc, np.float64(w[c]) * invc, np.float64(b[c])
+
+
 @_Kernel
-def _backward_fused(dy, x, m, a, t, relu, inv, training, block, zero, cells, dx,
-                    sum_g_out, sum_gx_out):
+def _backward_fused(dy, x, mean, inv, w, b, relu, training, block, zero, cells, dx,
+                    db_out, dw_out):
     """Backward with one task per channel, for cache-sized channel slabs:
-    the sums, then dx while x and dy are still cached (3|x| of traffic)."""
+    the sums, then dx while x and dy are still cached (3|x| of traffic).
+    Writes ``dbias = sum(g)`` and ``dweight = sum(g * x_hat)``."""
     outer, C, inner = x.shape
     n = np.float64(outer * inner)
     for c in prange(C):
         cell = cells[c]
-        mc = m[c]
+        mc, invc, ac, tc = _backward_vectors(mean, inv, w, b, c)
         mr = _cast(cell, 0, mc)
-        ar = _cast(cell, 1, a[c])
+        ar = _cast(cell, 1, ac)
         shift = mc - np.float64(mr)
-        tr = _cast(cell, 2, t[c] - shift * a[c])
+        tr = _cast(cell, 2, tc - shift * ac)
         acc_g = 0.0
         acc_gx = 0.0
         for o in range(outer):
@@ -731,12 +739,12 @@ def _backward_fused(dy, x, m, a, t, relu, inv, training, block, zero, cells, dx,
                 acc_g += sg
                 acc_gx += sgx
         acc_gx -= shift * acc_g
-        sum_g_out[c] = acc_g
-        sum_gx_out[c] = acc_gx
+        db_out[c] = acc_g
+        dw_out[c] = acc_gx * invc
         bc, dc = 0.0, 0.0
         if training:
-            bc = -a[c] * inv[c] * inv[c] * acc_gx / n
-            dc = -a[c] * acc_g / n
+            bc = -ac * invc * invc * acc_gx / n
+            dc = -ac * acc_g / n
         br = _cast(cell, 3, bc)
         dr_ = _cast(cell, 4, dc - shift * bc)
         for o in range(outer):
@@ -778,31 +786,34 @@ def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y,
 
 
 @_Kernel
-def _backward_rows(dy, x, m, a, t, relu, inv, training, nsplit, block_rows, zero, cached,
-                   coef, psum, pdot, dx, sum_g, sum_gx):
+def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, zero, cached,
+                   coef, psum, pdot, dx, db, dw):
     """Channels-last backward in one call: per-task sums, their merge and
-    the coefficients, then dx over the same row blocks by the same tasks."""
+    the coefficients, then dx over the same row blocks by the same tasks.
+    Writes ``db = sum(g)`` and ``dw = sum(g * x_hat)``."""
     R, C = x.shape
     for c in range(C):
-        _coefficients_in_dtype(coef, c, m[c], a[c], t[c])
+        mc, invc, ac, tc = _backward_vectors(mean, inv, w, b, c)
+        _coefficients_in_dtype(coef, c, mc, ac, tc)
     for s in prange(nsplit):
         _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
                    relu, block_rows, zero, psum[s], pdot[s], cached)
-    for c in range(C):
-        sum_g[c] = 0.0
-        sum_gx[c] = 0.0
-    for s in range(nsplit):
-        for c in range(C):
-            sum_g[c] += psum[s, c]
-            sum_gx[c] += pdot[s, c]
     n = np.float64(R)
     for c in range(C):
-        shift = m[c] - np.float64(coef[0, c])
-        sum_gx[c] -= shift * sum_g[c]
+        sum_g = 0.0
+        sum_gx = 0.0
+        for s in range(nsplit):
+            sum_g += psum[s, c]
+            sum_gx += pdot[s, c]
+        mc, invc, ac, tc = _backward_vectors(mean, inv, w, b, c)
+        shift = mc - np.float64(coef[0, c])
+        sum_gx -= shift * sum_g
+        db[c] = sum_g
+        dw[c] = sum_gx * invc
         bc, dc = 0.0, 0.0
         if training:
-            bc = -a[c] * inv[c] * inv[c] * sum_gx[c] / n
-            dc = -a[c] * sum_g[c] / n
+            bc = -ac * invc * invc * sum_gx / n
+            dc = -ac * sum_g / n
         coef[3, c] = bc
         coef[4, c] = dc - shift * bc
     for s in prange(nsplit):
@@ -811,22 +822,24 @@ def _backward_rows(dy, x, m, a, t, relu, inv, training, nsplit, block_rows, zero
 
 
 @njit(cache=True)  # no fastmath: the same IEEE operations as _reference.update_running
-def _update_running(running, batch, factor):
-    for c in range(running.shape[0]):
-        running[c] = (1.0 - factor) * np.float64(running[c]) + factor * batch[c]
+def _update_running(running_mean, running_var, mean, var, var_scale, factor):
+    for c in range(running_mean.shape[0]):
+        running_mean[c] = (1.0 - factor) * np.float64(running_mean[c]) + factor * mean[c]
+        batch_var = var[c] * var_scale
+        running_var[c] = (1.0 - factor) * np.float64(running_var[c]) + factor * batch_var
 
 
-def update_running(running_mean, running_var, mean, var, factor: float) -> None:
+def update_running(running_mean, running_var, mean, var, var_scale, factor: float) -> None:
     """``r = (1 - factor) * r + factor * batch`` in place for both running
-    statistics (NumPy arrays of any float dtype; float16 through a float64
-    copy), computed in float64 as :func:`numbn._reference.update_running`."""
-    for r, batch in ((running_mean, mean), (running_var, var)):
-        if r.dtype == np.float16:
-            held = r.astype(np.float64)
-            _update_running(held, batch, factor)
-            r[...] = held
-        else:
-            _update_running(r, batch, factor)
+    statistics, the batch variance being ``var * var_scale`` (NumPy arrays
+    of any float dtype; float16 through float64 copies), computed in float64
+    as :func:`numbn._reference.update_running`."""
+    if running_mean.dtype == np.float16 or running_var.dtype == np.float16:
+        held = running_mean.astype(np.float64), running_var.astype(np.float64)
+        _update_running(*held, mean, var, var_scale, factor)
+        running_mean[...], running_var[...] = held
+    else:
+        _update_running(running_mean, running_var, mean, var, var_scale, factor)
 
 
 # Host-side drivers ---------------------------------------------------------
@@ -837,9 +850,20 @@ def _rows(x3):
     return x3[:, :, 0] if x3.shape[2] == 1 else None
 
 
+def _threads() -> int:
+    """``numba.get_num_threads()``, the calling thread's setting, without the
+    two lock acquisitions that the public function makes on every call (once
+    Numba's pool is up, the threading layer's own getter answers; a Numba
+    without that private name gets the public function)."""
+    global _threads
+    numba.get_num_threads()  # starts the pool; _get_num_threads exists after it
+    _threads = getattr(numba.np.ufunc.parallel, "_get_num_threads", numba.get_num_threads)
+    return _threads()
+
+
 def _tasks(total_elements: int, cap: int) -> int:
     """How many tasks to split ``total_elements`` of work into (1..cap)."""
-    want = numba.get_num_threads() * _config.CPU_TASKS_PER_THREAD
+    want = _threads() * _config.CPU_TASKS_PER_THREAD
     by_size = max(1, total_elements // _config.CPU_MIN_TASK)
     return int(max(1, min(want, by_size, cap)))
 
@@ -944,11 +968,37 @@ def normalize(x3, m, a, t, relu, y3) -> None:
 def infer(x3, mean, var, w, b, eps, relu, y3) -> None:
     """Inference forward ``y3 = (x3 - mean) / sqrt(var + eps) * w + b`` (then
     ReLU): :func:`normalize` with its coefficients computed in the kernel.
-    Vectors float64; ``w`` and ``b`` may be None (ones, zeros)."""
-    C = x3.shape[1]
-    w = np.ones(C) if w is None else w
-    b = np.zeros(C) if b is None else b
+    Vectors of any float dtype, taken as they are (:func:`_kernel_vectors`);
+    ``w`` and ``b`` may be None (ones, zeros)."""
+    mean, var, w, b = _kernel_vectors(mean, var, *_affine(w, b, x3.shape[1], mean))
     _elementwise(_infer_channel_major, _infer_rows, x3, y3, mean, var, w, b, float(eps), relu)
+
+
+_VECTOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _affine(w, b, C: int, like):
+    """``w`` and ``b``, ones and zeros of ``like``'s dtype where None."""
+    dtype = like.dtype if isinstance(like, np.ndarray) else np.float64
+    return (np.ones(C, dtype) if w is None else w, np.zeros(C, dtype) if b is None else b)
+
+
+def _kernel_vectors(*vs):
+    """Per-channel vectors for a kernel that reads them as float64: as they
+    are when they are NumPy arrays of one dtype, float32 or float64,
+    contiguous and writable (Numba compiles a variant per array type, and a
+    read-only array is a type of its own), else all copied to float64. No
+    per-call conversion in the common case, and at most two compiled variants
+    per kernel and input dtype."""
+    dt = getattr(vs[0], "dtype", None)
+    if dt in _VECTOR_DTYPES:
+        for v in vs:
+            if (not isinstance(v, np.ndarray) or v.dtype != dt or not v.flags.behaved
+                    or not v.flags.c_contiguous):
+                break
+        else:
+            return vs
+    return [np.ascontiguousarray(v, np.float64) for v in vs]
 
 
 def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
@@ -1000,13 +1050,14 @@ def _fusable(x3) -> bool:
     cache and there are channels enough for every thread."""
     outer, C, inner = x3.shape
     slab = outer * inner * x3.itemsize
-    return (inner > 1 and outer > 0 and C >= 2 * numba.get_num_threads()
+    return (inner > 1 and outer > 0 and C >= 2 * _threads()
             and slab <= _config.CPU_FUSED_MAX_SLAB_BYTES and x3.flags.c_contiguous)
 
 
 def train_fused(x3, w, b, eps, relu, y3):
     """Training forward in one kernel call: ``(mean, var)``, or None when this
-    input is better served by :func:`stats` then :func:`normalize`.
+    input is better served by :func:`stats` then :func:`normalize`. ``w`` and
+    ``b``: None or vectors of any float dtype (:func:`_kernel_vectors`).
 
     Channels-last input takes the rows kernel (statistics and normalisation
     of each task's rows by the same task); channel-major input whose channel
@@ -1015,8 +1066,11 @@ def train_fused(x3, w, b, eps, relu, y3):
     if y3.dtype != x3.dtype or x3.size == 0:
         return None
     outer, C, _ = x3.shape
-    mean, var = np.empty(C), np.empty(C)
     x2 = _rows(x3)
+    if x2 is None and not _fusable(x3):
+        return None
+    w, b = _kernel_vectors(*_affine(w, b, C, w if w is not None else b))
+    mean, var = np.empty(C), np.empty(C)
     if x2 is not None:
         nsplit = _tasks(x3.size, outer)
         _train_rows.on(x3.size)(
@@ -1024,34 +1078,36 @@ def train_fused(x3, w, b, eps, relu, y3):
             np.empty(nsplit), np.empty((nsplit, C)), np.empty((nsplit, C)), y3[:, :, 0],
             mean, var)
         return mean, var
-    if not _fusable(x3):
-        return None
     _train_fused.on(x3.size)(x3, w, b, float(eps), relu, _config.CPU_BLOCK,
                              _zero(x3), np.empty((C, 4), x3.dtype), y3, mean, var)
     return mean, var
 
 
-def backward_fused(dy3, x3, m, a, t, relu, inv, training, dx3):
-    """Backward in one kernel call: ``(sum_g, sum_gx)`` with ``dx3`` written,
-    or None when this input is better served by the two-pass kernels.
-    ``inv`` is the invstd the training coefficients need. Channels-last
-    input takes the rows kernel, channel-major input with cache-sized
-    channel slabs one task per channel (as :func:`train_fused`)."""
+def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
+    """Backward in one kernel call: ``(dweight, dbias)`` (float64) with
+    ``dx3`` written, or None when this input is better served by the
+    two-pass kernels. ``mean`` and ``inv`` are the forward's mean and invstd
+    (or the running ones, ``training=False``); ``w`` and ``b`` None or
+    vectors, all of any float dtype (:func:`_kernel_vectors`): the
+    coefficients are computed in the kernel. Channels-last input takes the
+    rows kernel, channel-major input with cache-sized channel slabs one task
+    per channel (as :func:`train_fused`)."""
     dy3, x3 = _f32(dy3), _f32(x3)
     if dx3.dtype != x3.dtype or x3.size == 0:
         return None
     outer, C, _ = x3.shape
-    sum_g, sum_gx = np.empty(C), np.empty(C)
     x2 = _rows(x3)
+    if x2 is None and (not _fusable(x3) or not dy3.flags.c_contiguous):
+        return None
+    mean, inv, w, b = _kernel_vectors(mean, inv, *_affine(w, b, C, mean))
+    dw, db = np.empty(C), np.empty(C)
     if x2 is not None:
         nsplit = _tasks(x3.size, outer)
         _backward_rows.on(x3.size)(
-            dy3[:, :, 0], x2, m, a, t, relu, inv, training, nsplit, _block_rows(C),
+            dy3[:, :, 0], x2, mean, inv, w, b, relu, training, nsplit, _block_rows(C),
             _zero(x3), _cached(x3), np.empty((5, C), x3.dtype),
-            np.empty((nsplit, C)), np.empty((nsplit, C)), dx3[:, :, 0], sum_g, sum_gx)
-        return sum_g, sum_gx
-    if not _fusable(x3) or not dy3.flags.c_contiguous:
-        return None
-    _backward_fused.on(x3.size)(dy3, x3, m, a, t, relu, inv, training, _config.CPU_BLOCK,
-                                _zero(x3), np.empty((C, 5), x3.dtype), dx3, sum_g, sum_gx)
-    return sum_g, sum_gx
+            np.empty((nsplit, C)), np.empty((nsplit, C)), dx3[:, :, 0], db, dw)
+        return dw, db
+    _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK,
+                                _zero(x3), np.empty((C, 5), x3.dtype), dx3, db, dw)
+    return dw, db

@@ -123,6 +123,9 @@ def is_device_array(a) -> bool:
 
 def resolve(backend: str, x) -> str:
     """The backend that runs for input ``x`` when ``backend`` was asked for."""
+    if isinstance(x, np.ndarray) and (backend == "cpu" or (
+            backend == "auto" and _default in ("auto", "cpu"))):
+        return "cpu"  # the common case, without the general checks below
     name = _check_name(backend)
     if name == "auto":
         name = _default

@@ -2,11 +2,18 @@
 
 Each function validates everything first, then runs one of three backends:
 ``"numpy"`` (the float64 reference), ``"cpu"`` (Numba kernels) or ``"cuda"``
-(Numba CUDA kernels). The kernel backends share the per-channel coefficient
-arithmetic here; the kernels only make the passes over memory.
+(Numba CUDA kernels). On ``"cpu"`` the common calls take one kernel call
+each (inference, fused training forward, fused backward) that computes its
+per-channel coefficients itself from the caller's vectors: the host side is
+validation, a view and an allocation, a few microseconds, and it does no
+floating-point arithmetic to guard. The two-pass forms (CUDA, SyncBatchNorm,
+inputs the fused kernels do not serve) share the coefficient arithmetic here,
+in float64 under ``np.errstate``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -34,9 +41,7 @@ class _Host:
 
     @staticmethod
     def kernels():
-        from . import _cpu
-
-        return _cpu
+        return _cpu_kernels()
 
     @staticmethod
     def canonical(a, plan: Plan):
@@ -70,6 +75,15 @@ class _Host:
         return values.astype(dtype)
 
 
+@functools.cache
+def _cpu_kernels():
+    """``numbn._cpu``, imported on first use (it imports Numba); cached, as a
+    ``from . import`` in every call costs a Python-level import lookup."""
+    from . import _cpu
+
+    return _cpu
+
+
 def _engine(name: str):
     if name == "cuda":
         from . import _cuda
@@ -90,7 +104,6 @@ def _stats_dtype(x) -> np.dtype:
     return np.dtype(np.float64) if _checks.dtype_of(x) == np.float64 else np.dtype(np.float32)
 
 
-@_quiet
 def _train(x, weight, bias, eps, axis, backend, out, relu, combine=None):
     """Training forward of a validated call: ``(y, mean, var_biased, count)``.
 
@@ -100,39 +113,54 @@ def _train(x, weight, bias, eps, axis, backend, out, relu, combine=None):
     ``mean`` 0 and ``var`` NaN.
     """
     name = resolve(backend, x)
-    c = x.shape[axis]
     if name == "numpy":
-        if combine is None:
-            y, mean, _, var, count = _reference.forward_train(
-                x, weight, bias, eps, axis, "relu" if relu else None)
-            return _fill(y, x, out), mean, var, count
-        mean, var, count = _reference.batch_stats(x, axis) if x.size else (
-            np.zeros(c), np.full(c, np.nan), 0)
-        mean, var, count = combine(mean, var, count)
-        y = _reference.normalize(x, mean, var, weight, bias, eps, axis,
-                                 "relu" if relu else None)
-        return _fill(y, x, out), mean, var, count
+        return _train_reference(x, weight, bias, eps, axis, out, relu, combine)
     eng = _engine(name)
     kern = eng.kernels()
     xa = eng.adopt(x)
     plan = Plan.of(xa, axis)
     x3 = eng.canonical(xa, plan)
-    w, b = _ones(eng.host(weight), c), _zeros(eng.host(bias), c)
     full, y3 = eng.output(plan, _checks.dtype_of(x), out, like=x)
     count = x3.shape[0] * x3.shape[2]
-    fused = getattr(kern, "train_fused", None)
-    if combine is None and fused is not None:
-        stats = fused(x3, w, b, eps, relu, y3)
+    if name == "cpu" and combine is None:
+        # One kernel call from the caller's vectors as they are: no host
+        # arithmetic, so no floating-point state to guard.
+        stats = kern.train_fused(x3, weight, bias, eps, relu, y3)
         if stats is not None:
             return eng.finish(full, out, x), stats[0], stats[1], count
-    mean, var = kern.stats(x3)
-    if combine is not None:
-        mean, var, count = combine(mean, var, count)
-    kern.normalize(x3, mean, w / np.sqrt(var + eps), b, relu, y3)
+    mean, var, count = _train_two_pass(eng, kern, x3, weight, bias, eps, relu, y3, count,
+                                       combine)
     return eng.finish(full, out, x), mean, var, count
 
 
 @_quiet
+def _train_two_pass(eng, kern, x3, weight, bias, eps, relu, y3, count, combine):
+    """The statistics, ``combine``, then the normalisation: two kernel calls."""
+    c = x3.shape[1]
+    mean, var = kern.stats(x3)
+    if combine is not None:
+        mean, var, count = combine(mean, var, count)
+    w, b = _ones(eng.host(weight), c), _zeros(eng.host(bias), c)
+    kern.normalize(x3, mean, w / np.sqrt(var + eps), b, relu, y3)
+    return mean, var, count
+
+
+@_quiet
+def _train_reference(x, weight, bias, eps, axis, out, relu, combine):
+    """:func:`_train` on the ``"numpy"`` backend."""
+    activation = "relu" if relu else None
+    if combine is None:
+        y, mean, _, var, count = _reference.forward_train(x, weight, bias, eps, axis,
+                                                          activation)
+        return _fill(y, x, out), mean, var, count
+    c = x.shape[axis]
+    mean, var, count = _reference.batch_stats(x, axis) if x.size else (
+        np.zeros(c), np.full(c, np.nan), 0)
+    mean, var, count = combine(mean, var, count)
+    y = _reference.normalize(x, mean, var, weight, bias, eps, axis, activation)
+    return _fill(y, x, out), mean, var, count
+
+
 def _infer(x, mean, var, weight, bias, eps, axis, backend, out, relu):
     """Inference forward of a validated call, with ``mean`` and ``var`` given."""
     name = resolve(backend, x)
@@ -141,19 +169,26 @@ def _infer(x, mean, var, weight, bias, eps, axis, backend, out, relu):
                                  axis, "relu" if relu else None)
         return _fill(y, x, out)
     eng = _engine(name)
-    c = x.shape[axis]
     xa = eng.adopt(x)
     plan = Plan.of(xa, axis)
     x3 = eng.canonical(xa, plan)
     full, y3 = eng.output(plan, _checks.dtype_of(x), out, like=x)
     kern = eng.kernels()
-    mean, var, weight, bias = eng.host(mean), eng.host(var), eng.host(weight), eng.host(bias)
-    if hasattr(kern, "infer"):  # the coefficients computed in the kernel
+    if name == "cpu":
+        # The coefficients computed in the kernel, from the caller's vectors as
+        # they are: no host arithmetic, so no floating-point state to guard.
         kern.infer(x3, mean, var, weight, bias, eps, relu, y3)
     else:
-        scale = _ones(weight, c) / np.sqrt(var + eps)
-        kern.normalize(x3, mean, scale, _zeros(bias, c), relu, y3)
+        _device_infer(eng, kern, x3, mean, var, weight, bias, eps, relu, y3)
     return eng.finish(full, out, x)
+
+
+@_quiet
+def _device_infer(eng, kern, x3, mean, var, weight, bias, eps, relu, y3):
+    c = x3.shape[1]
+    mean, var, weight, bias = eng.host(mean), eng.host(var), eng.host(weight), eng.host(bias)
+    scale = _ones(weight, c) / np.sqrt(var + eps)
+    kern.normalize(x3, mean, scale, _zeros(bias, c), relu, y3)
 
 
 def _fill(y64: np.ndarray, x, out):
@@ -245,16 +280,20 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     return _infer(x, running_mean, running_var, weight, bias, eps, axis, backend, out, relu)
 
 
-@_quiet
 def update_running(running_mean, running_var, mean, var, count, factor, *, unbiased):
     """``r = (1 - factor) * r + factor * batch`` in place, for mean and variance."""
-    var = var * (count / (count - 1)) if unbiased else var
+    scale = count / (count - 1) if unbiased else 1.0
     if isinstance(running_mean, np.ndarray) and isinstance(running_var, np.ndarray):
-        from . import _cpu  # one compiled loop: the NumPy form was 11 us at C=1024
+        # One compiled loop: the NumPy form was 11 us at C=1024.
+        _cpu_kernels().update_running(running_mean, running_var, np.asarray(mean, np.float64),
+                                      np.asarray(var, np.float64), scale, float(factor))
+    else:
+        _update_device_running(running_mean, running_var, mean, var, scale, factor)
 
-        _cpu.update_running(running_mean, running_var, np.asarray(mean, np.float64),
-                            np.asarray(var, np.float64), float(factor))
-        return
+
+@_quiet
+def _update_device_running(running_mean, running_var, mean, var, scale, factor):
+    var = np.asarray(var, np.float64) * scale
     for r, batch in ((running_mean, mean), (running_var, var)):
         held = _Host.host(r) if isinstance(r, np.ndarray) else _engine("cuda").host(r)
         new = _reference.update_running(held, np.asarray(batch, np.float64), factor)
@@ -376,7 +415,6 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
     return dx, eng.like(dw, wdt, weight), eng.like(db, wdt, weight)
 
 
-@_quiet
 def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, relu,
                      combine=None):
     """``(dx, dweight, dbias)`` from the kernels of engine ``eng``.
@@ -385,23 +423,32 @@ def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, rel
     turns this batch's sums into the global ones that ``dx`` uses (training
     only); ``dweight`` and ``dbias`` stay this batch's own contribution.
     """
-    c = x.shape[axis]
     xa = eng.adopt(x)
     plan = Plan.of(xa, axis)
     x3 = eng.canonical(xa, plan)
     dy3 = eng.canonical(eng.adopt(dy), plan)
-    m, inv = eng.host(mean), eng.host(invstd)
-    w = _ones(eng.host(weight), c)
-    a = w * inv
-    t = _zeros(eng.host(bias), c)
     kern = eng.kernels()
     full, dx3 = eng.output(plan, _checks.dtype_of(x), like=x)
-    fused = getattr(kern, "backward_fused", None)
-    if combine is None and fused is not None:
-        sums = fused(dy3, x3, m, a, t, relu, inv, training, dx3)
-        if sums is not None:
-            return eng.finish(full, None, x), sums[1] * inv, sums[0]
-    if training or weight is not None or relu:
+    if eng is _Host and combine is None:
+        # One kernel call from the caller's vectors as they are (the
+        # coefficients computed in the kernel): no host arithmetic.
+        grads = kern.backward_fused(dy3, x3, mean, invstd, weight, bias, relu, training, dx3)
+        if grads is not None:
+            return eng.finish(full, None, x), grads[0], grads[1]
+    dw, db = _backward_two_pass(eng, kern, dy3, x3, mean, invstd, weight, bias, training, relu,
+                                dx3, combine, weight is not None)
+    return eng.finish(full, None, x), dw, db
+
+
+@_quiet
+def _backward_two_pass(eng, kern, dy3, x3, mean, invstd, weight, bias, training, relu, dx3,
+                       combine, want_grads):
+    """The sums, ``combine``, then dx: two kernel calls; ``(dweight, dbias)``."""
+    c = x3.shape[1]
+    m, inv = eng.host(mean), eng.host(invstd)
+    a = _ones(eng.host(weight), c) * inv
+    t = _zeros(eng.host(bias), c)
+    if training or want_grads or relu:
         sum_g, sum_gx = kern.backward_sums(dy3, x3, m, a, t, relu)
     else:
         sum_g = sum_gx = np.zeros(c)
@@ -414,4 +461,4 @@ def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, rel
     else:
         b = d = np.zeros(c)
     kern.backward_apply(dy3, x3, m, a, t, relu, b, d, dx3)
-    return eng.finish(full, None, x), sum_gx * inv, sum_g
+    return sum_gx * inv, sum_g
