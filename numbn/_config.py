@@ -20,6 +20,9 @@ CPU_ROWS_BLOCK = 32768
 #: prefetch dy, whose gated load waits on x (see ``_cpu._prefetch_ahead``).
 CPU_ROWS_PREFETCH_BYTES = 4096
 
+#: How far ahead (bytes of x) the channels-last statistics and normalisation
+#: kernels prefetch x when it is not cache-resident (``_cpu._ahead``).
+CPU_ROWS_STREAM_AHEAD_BYTES = 8192
 #: Largest channel slab (bytes of x per channel) that the fused kernels take
 #: in one task: statistics, then normalisation while the slab is still in the
 #: core's cache (L2 is 1 MiB per core on the machine this was tuned on).

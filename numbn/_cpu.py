@@ -176,7 +176,7 @@ def _stats_channel_major(x, nsplit, block, zero, cells, pn, pmean, pm2):
 
 
 @njit(inline="always")
-def _rows_block_sum(x, r0, r1, zero, bs):
+def _rows_block_sum(x, r0, r1, zero, bs, ahead):
     """``bs[c] = sum(x[r0:r1, c])`` in x's dtype, four rows per update (a row
     of 64 channels is only four AVX-512 vectors: a per-row loop and its
     accumulator traffic were 2x slower, measured)."""
@@ -184,6 +184,7 @@ def _rows_block_sum(x, r0, r1, zero, bs):
     for c in range(x.shape[1]):
         bs[c] = zero
     for o in range(r0, r4, 4):
+        _prefetch_rows(x, o + ahead, 4 if ahead else 0)
         x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
         for c in range(x.shape[1]):
             bs[c] += (x0[c] + x1[c]) + (x2[c] + x3[c])
@@ -194,7 +195,7 @@ def _rows_block_sum(x, r0, r1, zero, bs):
 
 
 @njit(inline="always")
-def _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2):
+def _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2, ahead):
     """``d1[c] = sum(x - sh[c])`` and ``d2[c] = sum((x - sh[c])**2)`` over rows
     ``r0:r1``, in x's dtype, four rows per update."""
     r4 = r0 + (r1 - r0) // 4 * 4
@@ -202,6 +203,7 @@ def _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2):
         d1[c] = zero
         d2[c] = zero
     for o in range(r0, r4, 4):
+        _prefetch_rows(x, o + ahead, 4 if ahead else 0)
         x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
         for c in range(x.shape[1]):
             s = sh[c]
@@ -226,7 +228,7 @@ def _shift_too_far(d1, d2, nb):
 
 
 @njit(inline="always")
-def _rows_moments(x, o0, o1, block_rows, zero, pmean, pm2):
+def _rows_moments(x, o0, o1, block_rows, zero, pmean, pm2, ahead):
     """Per-channel (mean, M2) of rows ``o0:o1`` of 2-D ``x`` (rows, C) into
     ``pmean`` and ``pm2`` (length C); returns the row count.
 
@@ -257,13 +259,13 @@ def _rows_moments(x, o0, o1, block_rows, zero, pmean, pm2):
         nb = np.float64(r1 - r0)
         redo = True
         if n > 0:
-            _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2)
+            _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2, ahead)
             redo = _shift_too_far(d1, d2, nb)
         if redo:
-            _rows_block_sum(x, r0, r1, zero, bs)
+            _rows_block_sum(x, r0, r1, zero, bs, ahead)
             for c in range(C):
                 sh[c] = np.float64(bs[c]) / nb
-            _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2)
+            _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2, ahead)
         for c in range(C):
             mean_dev = np.float64(d1[c]) / nb
             m2b = np.float64(d2[c]) - np.float64(d1[c]) * mean_dev
@@ -275,7 +277,7 @@ def _rows_moments(x, o0, o1, block_rows, zero, pmean, pm2):
 
 
 @_Kernel
-def _stats_rows(x, nsplit, block_rows, zero, pn, pmean, pm2):
+def _stats_rows(x, nsplit, block_rows, zero, pn, pmean, pm2, ahead):
     """Channels-last statistics of 2-D ``x`` (rows, C), per-task row blocks.
 
     The partials are ``(nsplit, C)``: each task owns a row, so no two threads
@@ -285,7 +287,7 @@ def _stats_rows(x, nsplit, block_rows, zero, pn, pmean, pm2):
     R = x.shape[0]
     for s in prange(nsplit):
         pn[s] = _rows_moments(x, s * R // nsplit, (s + 1) * R // nsplit, block_rows, zero,
-                              pmean[s], pm2[s])
+                              pmean[s], pm2[s], ahead)
 
 
 @njit(inline="always")
@@ -378,6 +380,26 @@ def _prefetch_run(r):
 
 
 @njit(inline="always")
+def _rows_ahead(x):
+    """How many rows ahead the rows kernels prefetch ``x`` (or ``dy``): about
+    ``_config.CPU_ROWS_PREFETCH_BYTES`` ahead (a compile-time constant)."""
+    return max(1, _config.CPU_ROWS_PREFETCH_BYTES // max(1, x.shape[1] * x.itemsize))
+
+
+@njit(inline="always")
+def _prefetch_rows(x, r, n):
+    """Prefetch rows ``r:r + n`` of 2-D ``x`` (those that exist).
+
+    The rows kernels prefetch ``_rows_ahead`` ahead of their loads: a row of
+    a channels-last input is short (256 bytes at C=64), and with only the
+    hardware prefetcher the 25 MB NHWC statistics pass ran at a third of the
+    read bandwidth (a four-row sum loop: 0.91 ms hot, 0.47 ms prefetched
+    8 KiB ahead, a plain read 0.31 ms; measured)."""
+    for k in range(r, min(r + n, x.shape[0])):
+        _prefetch_run(x[k])
+
+
+@njit(inline="always")
 def _prefetch_ahead(dy, o, c, b0, block, lead):
     """Prefetch ``dy``'s chunk ``lead`` chunks after the one at ``[o, c, b0:]``
     in a chunk loop over ``o`` then ``b0`` in steps of ``block``.
@@ -466,10 +488,11 @@ def _infer_channel_major(x, mean, var, w, b, eps, relu, zero, y, isplit):
 
 
 @njit(inline="always")
-def _affine_row_range(x, o0, o1, m, a, t, relu, zero, y):
+def _affine_row_range(x, o0, o1, m, a, t, relu, zero, y, ahead):
     """Rows ``o0:o1`` of ``y = (x - m) * a + t`` (then ReLU): two loops, as
     :func:`_affine_run`."""
     for o in range(o0, o1):
+        _prefetch_rows(x, o + ahead, 1 if ahead else 0)
         xr = x[o]
         yr = y[o]
         if relu:
@@ -481,22 +504,22 @@ def _affine_row_range(x, o0, o1, m, a, t, relu, zero, y):
 
 
 @_Kernel
-def _affine_rows(x, m, a, t, relu, zero, y, nsplit):
+def _affine_rows(x, m, a, t, relu, zero, y, nsplit, ahead):
     coef = _scale_coefficients(x, m, a, t)
     R = x.shape[0]
     for s in prange(nsplit):
         _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
-                          relu, zero, y)
+                          relu, zero, y, ahead)
 
 
 @_Kernel
-def _infer_rows(x, mean, var, w, b, eps, relu, zero, y, nsplit):
+def _infer_rows(x, mean, var, w, b, eps, relu, zero, y, nsplit, ahead):
     """Channels-last inference forward (see :func:`_infer_channel_major`)."""
     coef = _eval_coefficients(x, mean, var, w, b, eps)
     R = x.shape[0]
     for s in prange(nsplit):
         _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
-                          relu, zero, y)
+                          relu, zero, y, ahead)
 
 
 @_Kernel
@@ -526,13 +549,6 @@ def _sums_channel_major(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot):
 
 
 @njit(inline="always")
-def _rows_ahead(dy):
-    """How many rows ahead the ReLU-gated rows kernels prefetch ``dy``: about
-    ``_config.CPU_ROWS_PREFETCH_BYTES`` ahead."""
-    return max(1, _config.CPU_ROWS_PREFETCH_BYTES // max(1, dy.shape[1] * dy.itemsize))
-
-
-@njit(inline="always")
 def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
     """Add the ReLU-gated ``g`` and ``g * (x - m)`` of rows ``r0:r4`` (four
     rows at a time) to ``sg`` and ``sgx``: one load and store of the
@@ -557,12 +573,14 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
 
 
 @njit(inline="always")
-def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, cached):
+def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead):
     """``sum(g)`` and ``sum(g * (x - m))`` per channel over rows ``o0:o1``
     into ``psum`` and ``pdot`` (length C): blocks of ``block_rows`` rows
     summed in x's dtype, then float64, row by row, or, under the ReLU with
-    the input in cache (``cached``), four rows at a time. (A four-row form
-    of the plain sums was no faster in cache and 1.3x slower from memory.)"""
+    the input in cache (``ahead == 0``, :func:`_ahead`), four rows at a time.
+    (A four-row form of the plain sums was no faster in cache and 1.3x
+    slower from memory.) The plain sums prefetch x and dy ``ahead`` rows
+    ahead."""
     C = x.shape[1]
     lead = _rows_ahead(dy)
     acc = np.empty((2, C), x.dtype)  # not the caller's: see _rows_moments
@@ -577,7 +595,7 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, cache
             sg[c] = zero
             sgx[c] = zero
         start = r0
-        if relu and cached:
+        if relu and ahead == 0:
             start = r0 + (r1 - r0) // 4 * 4
             _rows_relu_sums4(dy, x, r0, start, m, a, t, zero, sg, sgx)
         for o in range(start, r1):
@@ -594,6 +612,8 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, cache
                     sg[c] += g
                     sgx[c] += g * (xr[c] - m[c])
             else:
+                _prefetch_rows(x, o + ahead, 1 if ahead else 0)
+                _prefetch_rows(dy, o + ahead, 1 if ahead else 0)
                 for c in range(C):
                     g = gr[c]
                     sg[c] += g
@@ -604,11 +624,11 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, cache
 
 
 @_Kernel
-def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, psum, pdot, cached):
+def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, psum, pdot, ahead):
     R = x.shape[0]
     for s in prange(nsplit):
         _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu, block_rows,
-                   zero, psum[s], pdot[s], cached)
+                   zero, psum[s], pdot[s], ahead)
 
 
 @_Kernel
@@ -646,9 +666,10 @@ def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit):
 
 
 @njit(inline="always")
-def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx):
+def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead):
     """Rows ``o0:o1`` of ``dx = g * a + (x - m) * b + d`` (row by row: four
-    rows per load of the coefficients was 10-25% slower here, measured)."""
+    rows per load of the coefficients was 10-25% slower here, measured); the
+    plain form prefetches x and dy ``ahead`` rows ahead (:func:`_ahead`)."""
     lead = _rows_ahead(dy)
     for o in range(o0, o1):
         xr = x[o]
@@ -661,16 +682,18 @@ def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx):
                 g = _gate(gr[c], xr[c], m[c], a[c], t[c], True, m[c] - m[c])
                 dr[c] = g * a[c] + (xr[c] - m[c]) * b[c] + d[c]
         else:
+            _prefetch_rows(x, o + ahead, 1 if ahead else 0)
+            _prefetch_rows(dy, o + ahead, 1 if ahead else 0)
             for c in range(x.shape[1]):
                 dr[c] = gr[c] * a[c] + (xr[c] - m[c]) * b[c] + d[c]
 
 
 @_Kernel
-def _apply_rows(dy, x, m, a, t, relu, b, d, dx, nsplit):
+def _apply_rows(dy, x, m, a, t, relu, b, d, dx, nsplit, ahead):
     R = x.shape[0]
     for s in prange(nsplit):
         _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu, b, d,
-                         dx)
+                         dx, ahead)
 
 
 @njit(inline="always")
@@ -769,7 +792,8 @@ def _coefficients_in_dtype(coef, c, m, a, t):
 
 
 @_Kernel
-def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y, mean, var):
+def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y, mean, var,
+                ahead):
     """Channels-last training forward in one call: per-task statistics, the
     merge and the coefficients, then normalisation of the same row blocks by
     the same tasks (each thread finds its rows still in its cache when they
@@ -777,16 +801,16 @@ def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y,
     R = x.shape[0]
     for s in prange(nsplit):
         pn[s] = _rows_moments(x, s * R // nsplit, (s + 1) * R // nsplit, block_rows, zero,
-                              pmean[s], pm2[s])
+                              pmean[s], pm2[s], ahead)
     _merge_partials(pn, pmean, pm2, mean, var)
     coef = _eval_coefficients(x, mean, var, w, b, eps)
     for s in prange(nsplit):
         _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
-                          relu, zero, y)
+                          relu, zero, y, ahead)
 
 
 @_Kernel
-def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, zero, cached,
+def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, zero, ahead,
                    coef, psum, pdot, dx, db, dw):
     """Channels-last backward in one call: per-task sums, their merge and
     the coefficients, then dx over the same row blocks by the same tasks.
@@ -797,18 +821,20 @@ def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, z
         _coefficients_in_dtype(coef, c, mc, ac, tc)
     for s in prange(nsplit):
         _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
-                   relu, block_rows, zero, psum[s], pdot[s], cached)
+                   relu, block_rows, zero, psum[s], pdot[s], ahead)
+    for c in range(C):
+        db[c] = 0.0
+        dw[c] = 0.0  # sum(g * (x - m_rounded)) until the loop after the next
+    for s in range(nsplit):  # channels innermost: SIMD
+        for c in range(C):
+            db[c] += psum[s, c]
+            dw[c] += pdot[s, c]
     n = np.float64(R)
     for c in range(C):
-        sum_g = 0.0
-        sum_gx = 0.0
-        for s in range(nsplit):
-            sum_g += psum[s, c]
-            sum_gx += pdot[s, c]
         mc, invc, ac, tc = _backward_vectors(mean, inv, w, b, c)
         shift = mc - np.float64(coef[0, c])
-        sum_gx -= shift * sum_g
-        db[c] = sum_g
+        sum_g = db[c]
+        sum_gx = dw[c] - shift * sum_g
         dw[c] = sum_gx * invc
         bc, dc = 0.0, 0.0
         if training:
@@ -818,7 +844,7 @@ def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, z
         coef[4, c] = dc - shift * bc
     for s in prange(nsplit):
         _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1],
-                         coef[2], relu, coef[3], coef[4], dx)
+                         coef[2], relu, coef[3], coef[4], dx, ahead)
 
 
 @njit(cache=True)  # no fastmath: the same IEEE operations as _reference.update_running
@@ -911,6 +937,16 @@ def _cached(x3) -> bool:
     return 2 * x3.nbytes <= _config.CPU_CACHE_BYTES
 
 
+def _ahead(x3) -> int:
+    """Rows the rows kernels prefetch ahead of their loads of ``x``: about
+    ``_config.CPU_ROWS_STREAM_AHEAD_BYTES``, or 0 (no prefetching) for
+    cache-resident input, where the prefetch instructions only cost (the
+    statistics of (8192, 64) took 1.35x as long with them; measured)."""
+    if _cached(x3):
+        return 0
+    return max(1, _config.CPU_ROWS_STREAM_AHEAD_BYTES // max(1, x3.shape[1] * x3.itemsize))
+
+
 def _block_rows(C: int) -> int:
     return max(1, _config.CPU_ROWS_BLOCK // max(C, 1))
 
@@ -929,7 +965,8 @@ def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         _stats_channel_major.on(x3.size)(x3, nsplit, _config.CPU_BLOCK, _zero(x3), cells,
                                          pn, pmean, pm2)
     else:
-        _stats_rows.on(x3.size)(x2, nsplit, _block_rows(C), _zero(x3), pn, pmean, pm2)
+        _stats_rows.on(x3.size)(x2, nsplit, _block_rows(C), _zero(x3), pn, pmean, pm2,
+                                _ahead(x3))
     mean, var = np.empty(C), np.empty(C)
     _merge(pn, pmean, pm2, mean, var)
     return mean, var
@@ -947,7 +984,8 @@ def _isplit(x3) -> int:
 
 def _elementwise(channel_major, rows, x3, y3, *args) -> None:
     """Run the forward's elementwise kernel pair on ``x3`` into ``y3``:
-    ``kernel(x, *args, zero, y, split)``."""
+    ``kernel(x, *args, zero, y, split)``, the rows kernel with ``ahead``
+    (:func:`_ahead`) after ``split``."""
     if x3.size == 0:
         return
     x3, target = _f32(x3), _writer(y3)
@@ -955,7 +993,8 @@ def _elementwise(channel_major, rows, x3, y3, *args) -> None:
     if x2 is None:
         channel_major.on(x3.size)(x3, *args, _zero(x3), target, _isplit(x3))
     else:
-        rows.on(x3.size)(x2, *args, _zero(x3), target[:, :, 0], _tasks(x3.size, x2.shape[0]))
+        rows.on(x3.size)(x2, *args, _zero(x3), target[:, :, 0], _tasks(x3.size, x2.shape[0]),
+                         _ahead(x3))
     if target is not y3:
         y3[...] = target
 
@@ -1022,7 +1061,7 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
         nsplit = _tasks(x3.size, outer)
         psum, pdot = np.empty((nsplit, C)), np.empty((nsplit, C))
         _sums_rows.on(x3.size)(dy3[:, :, 0], x2, mx, a, t, relu, nsplit, _block_rows(C),
-                               _zero(x3), psum, pdot, _cached(x3))
+                               _zero(x3), psum, pdot, _ahead(x3))
         psum, pdot = psum.T, pdot.T  # (C, nsplit), as the channel-major partials
     sum_g = psum.sum(axis=1)
     return sum_g, pdot.sum(axis=1) - (m - mx.astype(np.float64)) * sum_g
@@ -1040,7 +1079,7 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
         _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, target, _isplit(x3))
     else:
         _apply_rows.on(x3.size)(dy3[:, :, 0], x2, m, a, t, relu, b, d, target[:, :, 0],
-                                _tasks(x3.size, x2.shape[0]))
+                                _tasks(x3.size, x2.shape[0]), _ahead(x3))
     if target is not dx3:
         dx3[...] = target
 
@@ -1076,7 +1115,7 @@ def train_fused(x3, w, b, eps, relu, y3):
         _train_rows.on(x3.size)(
             x2, w, b, float(eps), relu, nsplit, _block_rows(C), _zero(x3),
             np.empty(nsplit), np.empty((nsplit, C)), np.empty((nsplit, C)), y3[:, :, 0],
-            mean, var)
+            mean, var, _ahead(x3))
         return mean, var
     _train_fused.on(x3.size)(x3, w, b, float(eps), relu, _config.CPU_BLOCK,
                              _zero(x3), np.empty((C, 4), x3.dtype), y3, mean, var)
@@ -1105,7 +1144,7 @@ def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
         nsplit = _tasks(x3.size, outer)
         _backward_rows.on(x3.size)(
             dy3[:, :, 0], x2, mean, inv, w, b, relu, training, nsplit, _block_rows(C),
-            _zero(x3), _cached(x3), np.empty((5, C), x3.dtype),
+            _zero(x3), _ahead(x3), np.empty((5, C), x3.dtype),
             np.empty((nsplit, C)), np.empty((nsplit, C)), dx3[:, :, 0], db, dw)
         return dw, db
     _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK,
