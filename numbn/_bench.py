@@ -1,8 +1,9 @@
 """``numbn bench``: timings of every available backend beside PyTorch.
 
-Each case is timed interleaved (numbn, peer, copy, numbn, peer, copy, ...)
-in one process and summarised by the median, so that slow drifts of a noisy
-machine hit all of them alike. Effective bandwidth counts the compulsory
+Each case is timed interleaved (numbn, peer and copy in turn, in a new random
+order each round) in one process and summarised by the median, so that slow
+drifts of a noisy machine hit all of them alike and none always runs in the
+cache state that another leaves. Effective bandwidth counts the compulsory
 bytes: forward and eval read x and write y (2|x|), backward reads x and dy and
 writes dx (3|x|); the copy bandwidth is that of a parallel copy of |x| bytes
 (read and write) with the same number of threads.
@@ -69,14 +70,19 @@ def median_seconds(f, repeat: int = 7) -> float:
     return _median_interleaved([f], repeat, warm=True)[0]
 
 
-def _median_interleaved(funcs, repeat, warm=False):
+def _median_interleaved(funcs, repeat, warm=False, seed=0):
+    """Median time of each of ``funcs``, run in turn ``repeat`` times, in a
+    new random order each round: with a fixed order, what one call leaves in
+    the cache (its output, the tail of its input) favours the call after it,
+    by up to 10% on this suite's larger cases (measured)."""
     times = [[] for _ in funcs]
     for f in funcs if warm else ():
         f()
+    order = np.random.default_rng(seed)
     for _ in range(repeat):
-        for k, f in enumerate(funcs):
+        for k in order.permutation(len(funcs)):
             t0 = time.perf_counter()
-            f()
+            funcs[k]()
             times[k].append(time.perf_counter() - t0)
     return [float(np.median(t)) for t in times]
 
