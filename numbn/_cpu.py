@@ -380,17 +380,10 @@ def _prefetch_run(r):
 
 
 @njit(inline="always")
-def _rows_ahead(x):
-    """How many rows ahead the rows kernels prefetch ``x`` (or ``dy``): about
-    ``_config.CPU_ROWS_PREFETCH_BYTES`` ahead (a compile-time constant)."""
-    return max(1, _config.CPU_ROWS_PREFETCH_BYTES // max(1, x.shape[1] * x.itemsize))
-
-
-@njit(inline="always")
 def _prefetch_rows(x, r, n):
     """Prefetch rows ``r:r + n`` of 2-D ``x`` (those that exist).
 
-    The rows kernels prefetch ``_rows_ahead`` ahead of their loads: a row of
+    The rows kernels prefetch ``_ahead`` rows ahead of their loads: a row of
     a channels-last input is short (256 bytes at C=64), and with only the
     hardware prefetcher the 25 MB NHWC statistics pass ran at a third of the
     read bandwidth (a four-row sum loop: 0.91 ms hot, 0.47 ms prefetched
@@ -573,16 +566,15 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
 
 
 @njit(inline="always")
-def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead):
+def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead, gate_ahead):
     """``sum(g)`` and ``sum(g * (x - m))`` per channel over rows ``o0:o1``
     into ``psum`` and ``pdot`` (length C): blocks of ``block_rows`` rows
     summed in x's dtype, then float64, row by row, or, under the ReLU with
     the input in cache (``ahead == 0``, :func:`_ahead`), four rows at a time.
     (A four-row form of the plain sums was no faster in cache and 1.3x
     slower from memory.) The plain sums prefetch x and dy ``ahead`` rows
-    ahead."""
+    ahead, the gated ones dy ``gate_ahead`` rows ahead (:func:`_gate_ahead`)."""
     C = x.shape[1]
-    lead = _rows_ahead(dy)
     acc = np.empty((2, C), x.dtype)  # not the caller's: see _rows_moments
     sg = acc[0]
     sgx = acc[1]
@@ -605,8 +597,7 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
             # to a masked load, which waits on x (see _prefetch_ahead) and, in
             # one loop, slowed the plain sums 2.5x from memory too (measured).
             if relu:
-                if o + lead < o1:
-                    _prefetch_run(dy[o + lead])
+                _prefetch_rows(dy, o + gate_ahead, 1 if gate_ahead else 0)
                 for c in range(C):
                     g = _gate(gr[c], xr[c], m[c], a[c], t[c], True, zero)
                     sg[c] += g
@@ -624,11 +615,11 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
 
 
 @_Kernel
-def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, psum, pdot, ahead):
+def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, psum, pdot, ahead, gate_ahead):
     R = x.shape[0]
     for s in prange(nsplit):
         _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu, block_rows,
-                   zero, psum[s], pdot[s], ahead)
+                   zero, psum[s], pdot[s], ahead, gate_ahead)
 
 
 @_Kernel
@@ -666,18 +657,17 @@ def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit):
 
 
 @njit(inline="always")
-def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead):
+def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead, gate_ahead):
     """Rows ``o0:o1`` of ``dx = g * a + (x - m) * b + d`` (row by row: four
     rows per load of the coefficients was 10-25% slower here, measured); the
-    plain form prefetches x and dy ``ahead`` rows ahead (:func:`_ahead`)."""
-    lead = _rows_ahead(dy)
+    plain form prefetches x and dy ``ahead`` rows ahead (:func:`_ahead`),
+    the gated one dy ``gate_ahead`` rows ahead (:func:`_gate_ahead`)."""
     for o in range(o0, o1):
         xr = x[o]
         gr = dy[o]
         dr = dx[o]
         if relu:  # two loops, as in _rows_sums
-            if o + lead < o1:
-                _prefetch_run(dy[o + lead])
+            _prefetch_rows(dy, o + gate_ahead, 1 if gate_ahead else 0)
             for c in range(x.shape[1]):
                 g = _gate(gr[c], xr[c], m[c], a[c], t[c], True, m[c] - m[c])
                 dr[c] = g * a[c] + (xr[c] - m[c]) * b[c] + d[c]
@@ -689,11 +679,11 @@ def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead):
 
 
 @_Kernel
-def _apply_rows(dy, x, m, a, t, relu, b, d, dx, nsplit, ahead):
+def _apply_rows(dy, x, m, a, t, relu, b, d, dx, nsplit, ahead, gate_ahead):
     R = x.shape[0]
     for s in prange(nsplit):
         _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu, b, d,
-                         dx, ahead)
+                         dx, ahead, gate_ahead)
 
 
 @njit(inline="always")
@@ -811,7 +801,7 @@ def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y,
 
 @_Kernel
 def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, zero, ahead,
-                   coef, psum, pdot, dx, db, dw):
+                   gate_ahead, coef, psum, pdot, dx, db, dw):
     """Channels-last backward in one call: per-task sums, their merge and
     the coefficients, then dx over the same row blocks by the same tasks.
     Writes ``db = sum(g)`` and ``dw = sum(g * x_hat)``."""
@@ -821,7 +811,7 @@ def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, z
         _coefficients_in_dtype(coef, c, mc, ac, tc)
     for s in prange(nsplit):
         _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
-                   relu, block_rows, zero, psum[s], pdot[s], ahead)
+                   relu, block_rows, zero, psum[s], pdot[s], ahead, gate_ahead)
     for c in range(C):
         db[c] = 0.0
         dw[c] = 0.0  # sum(g * (x - m_rounded)) until the loop after the next
@@ -844,7 +834,7 @@ def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, z
         coef[4, c] = dc - shift * bc
     for s in prange(nsplit):
         _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1],
-                         coef[2], relu, coef[3], coef[4], dx, ahead)
+                         coef[2], relu, coef[3], coef[4], dx, ahead, gate_ahead)
 
 
 @njit(cache=True)  # no fastmath: the same IEEE operations as _reference.update_running
@@ -945,6 +935,19 @@ def _ahead(x3) -> int:
     if _cached(x3):
         return 0
     return max(1, _config.CPU_ROWS_STREAM_AHEAD_BYTES // max(1, x3.shape[1] * x3.itemsize))
+
+
+def _gate_ahead(x3) -> int:
+    """Rows of ``dy`` the ReLU-gated rows kernels prefetch ahead: about
+    ``_config.CPU_ROWS_PREFETCH_BYTES``, or 0 when x and dy together are
+    under ``_config.CPU_GATE_PREFETCH_MIN_BYTES`` (L2-sized, where the
+    prefetches only cost: ReLU backward of (8192, 64) 0.86 of the time
+    without them, of (8, 28, 28, 256) 1.06; measured). The gated load of
+    ``dy`` waits on x's (see :func:`_prefetch_ahead`), so from L3 or memory
+    it needs the prefetch that the plain loads do not."""
+    if 2 * x3.nbytes <= _config.CPU_GATE_PREFETCH_MIN_BYTES:
+        return 0
+    return max(1, _config.CPU_ROWS_PREFETCH_BYTES // max(1, x3.shape[1] * x3.itemsize))
 
 
 def _block_rows(C: int) -> int:
@@ -1061,7 +1064,7 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
         nsplit = _tasks(x3.size, outer)
         psum, pdot = np.empty((nsplit, C)), np.empty((nsplit, C))
         _sums_rows.on(x3.size)(dy3[:, :, 0], x2, mx, a, t, relu, nsplit, _block_rows(C),
-                               _zero(x3), psum, pdot, _ahead(x3))
+                               _zero(x3), psum, pdot, _ahead(x3), _gate_ahead(x3))
         psum, pdot = psum.T, pdot.T  # (C, nsplit), as the channel-major partials
     sum_g = psum.sum(axis=1)
     return sum_g, pdot.sum(axis=1) - (m - mx.astype(np.float64)) * sum_g
@@ -1079,7 +1082,7 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
         _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, target, _isplit(x3))
     else:
         _apply_rows.on(x3.size)(dy3[:, :, 0], x2, m, a, t, relu, b, d, target[:, :, 0],
-                                _tasks(x3.size, x2.shape[0]), _ahead(x3))
+                                _tasks(x3.size, x2.shape[0]), _ahead(x3), _gate_ahead(x3))
     if target is not dx3:
         dx3[...] = target
 
@@ -1144,7 +1147,7 @@ def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
         nsplit = _tasks(x3.size, outer)
         _backward_rows.on(x3.size)(
             dy3[:, :, 0], x2, mean, inv, w, b, relu, training, nsplit, _block_rows(C),
-            _zero(x3), _ahead(x3), np.empty((5, C), x3.dtype),
+            _zero(x3), _ahead(x3), _gate_ahead(x3), np.empty((5, C), x3.dtype),
             np.empty((nsplit, C)), np.empty((nsplit, C)), dx3[:, :, 0], db, dw)
         return dw, db
     _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK,
