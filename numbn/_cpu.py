@@ -61,7 +61,11 @@ _FASTMATH = {"reassoc", "contract"}
 _LEAD = 2
 #: Elements per run of the channel-major apply's prefetch under the ReLU.
 _APPLY_RUN = 4096
-_FLAGS = dict(parallel=True, cache=True, fastmath=_FASTMATH)
+#: ``error_model="numpy"``: a float division by zero gives inf or NaN, as in
+#: NumPy and PyTorch (eps=0 on a constant channel), where Numba's default
+#: "python" model raises ZeroDivisionError (and tests every divisor).
+_SERIAL = dict(cache=True, fastmath=_FASTMATH, error_model="numpy")
+_FLAGS = dict(parallel=True, **_SERIAL)
 
 
 class _Kernel:
@@ -77,7 +81,7 @@ class _Kernel:
         twin.__qualname__ = fn.__qualname__ + "_serial"
         twin.__module__ = fn.__module__
         twin.__doc__ = fn.__doc__
-        self.serial = njit(cache=True, fastmath=_FASTMATH)(twin)
+        self.serial = njit(**_SERIAL)(twin)
 
     def on(self, n_elements: int):
         """The variant for an input of ``n_elements``."""
@@ -315,7 +319,7 @@ def _merge_partials(pn, pmean, pm2, mean, var):
         var[c] = var[c] / n if n > 0 else np.nan
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _merge(pn, pmean, pm2, mean, var):
     _merge_partials(pn, pmean, pm2, mean, var)
 
@@ -837,7 +841,7 @@ def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, z
                          coef[2], relu, coef[3], coef[4], dx, ahead, gate_ahead)
 
 
-@njit(cache=True)  # no fastmath: the same IEEE operations as _reference.update_running
+@njit(cache=True, error_model="numpy")  # no fastmath: as _reference.update_running
 def _update_running(running_mean, running_var, mean, var, var_scale, factor):
     for c in range(running_mean.shape[0]):
         running_mean[c] = (1.0 - factor) * np.float64(running_mean[c]) + factor * mean[c]

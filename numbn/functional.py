@@ -165,9 +165,7 @@ def _infer(x, mean, var, weight, bias, eps, axis, backend, out, relu):
     """Inference forward of a validated call, with ``mean`` and ``var`` given."""
     name = resolve(backend, x)
     if name == "numpy":
-        y = _reference.normalize(x, _Host.host(mean), _Host.host(var), weight, bias, eps,
-                                 axis, "relu" if relu else None)
-        return _fill(y, x, out)
+        return _infer_reference(x, mean, var, weight, bias, eps, axis, out, relu)
     eng = _engine(name)
     xa = eng.adopt(x)
     plan = Plan.of(xa, axis)
@@ -181,6 +179,14 @@ def _infer(x, mean, var, weight, bias, eps, axis, backend, out, relu):
     else:
         _device_infer(eng, kern, x3, mean, var, weight, bias, eps, relu, y3)
     return eng.finish(full, out, x)
+
+
+@_quiet  # the cast to float16 may overflow, as it may in any backend: y is inf then
+def _infer_reference(x, mean, var, weight, bias, eps, axis, out, relu):
+    """:func:`_infer` on the ``"numpy"`` backend."""
+    y = _reference.normalize(x, _Host.host(mean), _Host.host(var), weight, bias, eps, axis,
+                             "relu" if relu else None)
+    return _fill(y, x, out)
 
 
 @_quiet
@@ -402,9 +408,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
         _checks.training_count(x.shape, axis)
     name = resolve(backend, x)
     if name == "numpy":
-        dx, dw, db = _reference.backward(dy, x, _Host.host(mean), _Host.host(invstd), weight,
-                                         training, axis, bias, activation)
-        dx = dx.astype(x.dtype)
+        dx, dw, db = _backward_reference(dy, x, mean, invstd, weight, bias, training, axis,
+                                         activation)
         eng = _Host
     else:
         eng = _engine(name)
@@ -413,6 +418,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
         return dx, None, None
     wdt = _checks.dtype_of(weight)
     return dx, eng.like(dw, wdt, weight), eng.like(db, wdt, weight)
+
+
+@_quiet  # the cast to float16 may overflow (dx is inf then), as in the kernel backends
+def _backward_reference(dy, x, mean, invstd, weight, bias, training, axis, activation):
+    dx, dw, db = _reference.backward(dy, x, _Host.host(mean), _Host.host(invstd), weight,
+                                     training, axis, bias, activation)
+    return dx.astype(x.dtype), dw, db
 
 
 def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, relu,

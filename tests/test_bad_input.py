@@ -134,3 +134,30 @@ def test_nan_confined_to_channel(backend, bad, shape, axis, rng):
     dx, dw, db = numbn.batch_norm_backward(dy, x, np.zeros(c), np.ones(c), np.ones(c),
                                            training=False, axis=axis, backend=backend)
     assert np.isnan(dx[tuple(idx)]) and np.isnan(db[1]) and np.isfinite(db[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((4, 3, 5), 1), ((6, 3), 1), ((2, 4, 4, 3), -1)])
+def test_constant_channel_without_eps(backend, dtype, shape, axis, rng):
+    """eps=0 on a channel of zero variance divides by zero: NaN (and inf) in
+    that channel, as in NumPy and PyTorch, never an exception (Numba's
+    default error model raised ZeroDivisionError in the kernels)."""
+    x = rng.standard_normal(shape).astype(dtype)
+    c = shape[axis]
+    np.moveaxis(x, axis, 0)[1] = 3.0
+    rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+    y = numbn.batch_norm(x, rm, rv, training=True, eps=0.0, axis=axis, backend=backend)
+    yc = np.moveaxis(y, axis, 0)
+    assert np.isnan(yc[1]).all() and np.isfinite(yc[[0, 2]]).all()
+    np.testing.assert_allclose([rm[1], rv[1]], [0.3, 0.9], rtol=1e-6)  # momentum 0.1
+    y, mean, invstd = numbn.batch_norm_forward(x, eps=0.0, axis=axis, backend=backend)
+    assert invstd[1] == np.inf and np.isnan(np.moveaxis(y, axis, 0)[1]).all()
+    dx, dw, db = numbn.batch_norm_backward(np.ones_like(x), x, mean, invstd, np.ones(c, dtype),
+                                           axis=axis, backend=backend)
+    dxc = np.moveaxis(dx, axis, 0)
+    assert np.isnan(dxc[1]).all() and np.isfinite(dxc[[0, 2]]).all()
+    rm[1], rv[1] = 3.0, 0.0  # eval: running variance 0, running mean the constant
+    y = numbn.batch_norm(x, rm, rv, training=False, eps=0.0, axis=axis, backend=backend)
+    yc = np.moveaxis(y, axis, 0)
+    assert np.isnan(yc[1]).all() and np.isfinite(yc[[0, 2]]).all()
