@@ -433,16 +433,20 @@ def _chunk_sums(gr, xr, m, a, t, relu, zero):
 
 
 @njit(inline="always")
-def _affine_task(x, task, isplit, coef, relu, zero, y):
-    """Elementwise task ``task`` of the channel-major forward: part
-    ``task % isplit`` of row ``(o, c)``'s inner run."""
-    outer, C, inner = x.shape
+def _task_span(task, isplit, C, inner):
+    """``(o, c, i0, i1)`` of elementwise task ``task`` of a channel-major
+    kernel: part ``task % isplit`` (elements ``i0:i1``) of row ``(o, c)``'s
+    inner run, rows in memory order."""
     row = task // isplit
     s = task - row * isplit
     o = row // C
-    c = row - o * C
-    i0 = s * inner // isplit
-    i1 = (s + 1) * inner // isplit
+    return o, row - o * C, s * inner // isplit, (s + 1) * inner // isplit
+
+
+@njit(inline="always")
+def _affine_task(x, task, isplit, coef, relu, zero, y):
+    """Elementwise task ``task`` of the channel-major forward (:func:`_task_span`)."""
+    o, c, i0, i1 = _task_span(task, isplit, x.shape[1], x.shape[2])
     _affine_run(x[o, c, i0:i1], y[o, c, i0:i1], coef[0, c], coef[1, c], coef[2, c], relu,
                 zero)
 
@@ -630,23 +634,16 @@ def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, psum, pdot, ahead
 def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit):
     outer, C, inner = x.shape
     for task in prange(outer * C * isplit):
-        row = task // isplit
-        s = task - row * isplit
-        o = row // C
-        c = row - o * C
-        i0 = s * inner // isplit
-        i1 = (s + 1) * inner // isplit
+        o, c, i0, i1 = _task_span(task, isplit, C, inner)
         xr = x[o, c, i0:i1]
         gr = dy[o, c, i0:i1]
         dr = dx[o, c, i0:i1]
         mc, ac, tc, bc, dc = m[c], a[c], t[c], b[c], d[c]
         zero = mc - mc
         if relu:  # as _prefetch_ahead: the next tasks' dy, then this one's chunk by chunk
-            ahead = min(task + _LEAD, outer * C * isplit - 1)
-            ra = ahead // isplit
-            sa = ahead - ra * isplit
-            oa = ra // C
-            _prefetch_run(dy[oa, ra - oa * C, sa * inner // isplit:(sa + 1) * inner // isplit])
+            oa, ca, a0, a1 = _task_span(min(task + _LEAD, outer * C * isplit - 1), isplit, C,
+                                        inner)
+            _prefetch_run(dy[oa, ca, a0:a1])
         run = _APPLY_RUN if relu else max(i1 - i0, 1)  # plain: one run, as before
         for k0 in range(0, i1 - i0, run):
             k1 = min(k0 + run, i1 - i0)
@@ -925,20 +922,13 @@ def _in_dtype(dtype, m, a, t, *more):
     return out
 
 
-def _cached(x3) -> bool:
-    """Whether a backward's ``x`` and ``dy`` together fit in the last-level
-    cache (``_config.CPU_CACHE_BYTES``)."""
-    return 2 * x3.nbytes <= _config.CPU_CACHE_BYTES
-
-
 def _ahead(x3) -> int:
     """Rows the rows kernels prefetch ahead of their loads of ``x``: about
     ``_config.CPU_ROWS_STREAM_AHEAD_BYTES``, or 0 (no prefetching) for
-    cache-resident input, where the prefetch instructions only cost (the
+    cache-resident input (x and dy together within ``_config.CPU_CACHE_BYTES``;
+    0 also selects the four-row ReLU sums of :func:`_rows_sums`), where the prefetch instructions only cost (the
     statistics of (8192, 64) took 1.35x as long with them; measured)."""
-    if _cached(x3):
-        return 0
-    return max(1, _config.CPU_ROWS_STREAM_AHEAD_BYTES // max(1, x3.shape[1] * x3.itemsize))
+    return _rows_ahead(x3, _config.CPU_ROWS_STREAM_AHEAD_BYTES, _config.CPU_CACHE_BYTES)
 
 
 def _gate_ahead(x3) -> int:
@@ -949,9 +939,15 @@ def _gate_ahead(x3) -> int:
     without them, of (8, 28, 28, 256) 1.06; measured). The gated load of
     ``dy`` waits on x's (see :func:`_prefetch_ahead`), so from L3 or memory
     it needs the prefetch that the plain loads do not."""
-    if 2 * x3.nbytes <= _config.CPU_GATE_PREFETCH_MIN_BYTES:
+    return _rows_ahead(x3, _config.CPU_ROWS_PREFETCH_BYTES, _config.CPU_GATE_PREFETCH_MIN_BYTES)
+
+
+def _rows_ahead(x3, ahead_bytes: int, min_input_bytes: int) -> int:
+    """Rows of a channels-last ``x3`` in ``ahead_bytes`` (at least one), or 0
+    when ``x3`` and ``dy`` together take at most ``min_input_bytes``."""
+    if 2 * x3.nbytes <= min_input_bytes:
         return 0
-    return max(1, _config.CPU_ROWS_PREFETCH_BYTES // max(1, x3.shape[1] * x3.itemsize))
+    return max(1, ahead_bytes // max(1, x3.shape[1] * x3.itemsize))
 
 
 def _block_rows(C: int) -> int:
