@@ -114,9 +114,7 @@ class Plan:
         18x slower on the machine this was measured on (eval at
         (16, 4096, 16, 16): 87 ms against 9 ms after this, PyTorch 19 ms).
         """
-        buf = np.empty(self.dims, dtype=dtype)
-        if buf.nbytes >= _config.CPU_PREFAULT_BYTES:
-            buf.reshape(-1).view(np.uint8)[::mmap.PAGESIZE] = 0
+        buf = empty(self.dims, dtype)
         full = buf.reshape([self.shape[a] for a in self.order])
         return (full if self.back is None else full.transpose(self.back)), buf
 
@@ -128,6 +126,32 @@ class Plan:
         full, v = self.empty(a.dtype if dtype is None else dtype)
         full[...] = a
         return v
+
+
+def empty(shape, dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)``, its pages touched first when it is large
+    (:meth:`Plan.empty` says why)."""
+    buf = np.empty(shape, dtype)
+    if buf.nbytes >= _config.CPU_PREFAULT_BYTES:
+        buf.reshape(-1).view(np.uint8)[::mmap.PAGESIZE] = 0
+    return buf
+
+
+def contiguous_view(a, axis: int) -> np.ndarray | None:
+    """``Plan.of(a, axis).view(a)`` of a C-contiguous NumPy ``a`` with more
+    than one channel, by one reshape (``(outer, C, inner)`` is then the axes
+    before, at and after ``axis``); None for any other array.
+
+    The common call's short cut past the plan cache: the host side of a call
+    runs just after a kernel has streamed the caches out, where each Python
+    call it makes costs a microsecond or more.
+    """
+    shape = a.shape
+    c = shape[axis]
+    if c < 2 or not a.flags.c_contiguous or a.size == 0:
+        return None
+    outer = math.prod(shape[:axis])
+    return a.reshape(outer, c, a.size // (outer * c))
 
 
 @functools.lru_cache(maxsize=256)

@@ -4,6 +4,8 @@ tolerances of conftest.TOL."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from conftest import DTYPES, HOST_BACKENDS, LAYOUTS, SHAPES, close, make
@@ -145,6 +147,28 @@ def test_one_channel_is_one_long_run():
 
     assert Plan.of(np.zeros((256, 1, 64, 64), np.float32), 1).dims == (1, 1, 256 * 64 * 64)
     assert Plan.of(np.zeros((8, 4, 4, 1), np.float32), 3).dims == (1, 1, 128)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 2), (6, 7), (2, 1, 3, 4), (1, 5, 1, 1),
+                                   (3, 4, 2, 1, 5), (2, 3, 0, 4)])
+def test_contiguous_view_is_the_plans_view(shape):
+    """The short cut for C-contiguous NumPy input (one reshape) gives the
+    plan's own ``(outer, C, inner)`` view, on every axis, and declines where
+    the plan differs (one channel: one long run) or there is nothing to view."""
+    from numbn._layout import Plan, contiguous_view
+
+    a = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
+    for axis in range(len(shape)):
+        v = contiguous_view(a, axis)
+        if shape[axis] < 2 or a.size == 0:
+            assert v is None
+            continue
+        plan = Plan.of(a, axis)
+        p = plan.view(a)
+        assert plan.empty(a.dtype)[0].flags.c_contiguous  # its outputs: C order too
+        assert v.shape == p.shape == plan.dims
+        assert np.shares_memory(v, a) and np.array_equal(v, p)
+    assert contiguous_view(np.asfortranarray(np.zeros((3, 4, 5))), 1) is None
 
 
 def test_large_output_is_prefaulted_and_correct(rng, monkeypatch):
