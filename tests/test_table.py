@@ -85,6 +85,21 @@ def test_backward(case, training):
     close(db, db_ref, dtype, scale=np.sqrt(n), err="dbias")
 
 
+@pytest.mark.parametrize("x_layout,dy_layout", [("contiguous", "fortran"),
+                                                 ("contiguous", "cropped"),
+                                                 ("transposed", "contiguous"),
+                                                 ("sliced", "fortran")])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_backward_dy_in_another_layout(x_layout, dy_layout, axis, rng, cpu_path):
+    """``dy`` laid out unlike ``x`` is read through x's ``(outer, C, inner)``
+    plan, whether x took the contiguous short cut or the general path."""
+    x = LAYOUTS[x_layout](make(rng, (4, 3, 6, 5), np.float32))
+    dy = LAYOUTS[dy_layout](make(rng, (4, 3, 6, 5), np.float32, 0.0, 1.0))
+    _, mean, invstd = numbn.batch_norm_forward(x, axis=axis, backend="numpy")
+    dx, _, _ = numbn.batch_norm_backward(dy, x, mean, invstd, axis=axis, backend="cpu")
+    close(dx, ref.backward(dy, x, mean, invstd, None, True, axis)[0], np.float32, scale=2.0)
+
+
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_out_may_be_x(backend, rng):
     x = make(rng, (6, 3, 5), np.float64)
