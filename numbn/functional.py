@@ -99,9 +99,9 @@ def _views(eng, x, axis: int, out=None):
 
     The short cut: a C-contiguous NumPy ``x`` (and ``out``) is one reshape
     (:func:`numbn._layout.contiguous_view`) and its output ``np.empty``, past
-    the engine and the plan cache. At the size where that shows, the general
-    path's Python took 60-120 us more per eval call than this, when run after
-    other large calls as in a training loop (measured).
+    the engine and the plan cache: about 15 us less per call when it runs
+    after a cache-flushing layer, as in a training loop (eval of (2, 64, 4, 4):
+    119 us against 133; ``benchmarks/call_overhead.py`` measures it).
     """
     if eng is _Host and (out is None or (isinstance(out, np.ndarray)
                                          and out.flags.c_contiguous)):
