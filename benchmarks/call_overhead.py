@@ -2,7 +2,8 @@
 too small for the kernel to matter, beside PyTorch's, with hot caches and
 after a cache-flushing copy.
 
-Run ``python benchmarks/call_overhead.py [--rounds N] [--shape 2,64,4,4]``.
+Run ``python benchmarks/call_overhead.py [--rounds N] [--shape 2,64,4,4]``. The
+calls are those ``numbn bench`` times (forward is the training forward).
 
 Why both: in a network, each BatchNorm call runs just after a layer that has
 streamed megabytes through the caches, so the Python and dispatch code of the
@@ -23,33 +24,10 @@ import numba
 import numpy as np
 
 import numbn
-from numbn import _reference
+from numbn import _bench, _reference
 from numbn._bench import _parallel_copy
 
 FLUSH_BYTES = 16 << 20
-
-
-def numbn_calls(x, w, b, rm, rv, dy, mean, invstd):
-    return {
-        "eval": lambda: numbn.batch_norm(x, rm, rv, w, b, False),
-        "train": lambda: numbn.batch_norm(x, rm, rv, w, b, True),
-        "backward": lambda: numbn.batch_norm_backward(dy, x, mean, invstd, w),
-    }
-
-
-def torch_calls(x, w, b, rm, rv, dy, mean, invstd):
-    import torch
-
-    torch.set_num_threads(numba.get_num_threads())
-    t, tdy = torch.from_numpy(x), torch.from_numpy(dy)
-    tw, tb, trm, trv, tm, ti = map(torch.from_numpy, (w, b, rm.copy(), rv.copy(), mean, invstd))
-    f = torch.nn.functional.batch_norm
-    back = torch.ops.aten.native_batch_norm_backward
-    return {
-        "eval": lambda: f(t, trm, trv, tw, tb, False),
-        "train": lambda: f(t, trm, trv, tw, tb, True),
-        "backward": lambda: back(tdy, t, tw, trm, trv, tm, ti, True, 1e-5, [True, True, True]),
-    }
 
 
 def main(argv=None):
@@ -59,18 +37,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))
     rng = np.random.default_rng(0)
-    c = shape[1]
     x = rng.standard_normal(shape).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
-    w, b = rng.normal(1, 0.3, c).astype(np.float32), rng.normal(0, 0.3, c).astype(np.float32)
-    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
-    y, mean, invstd = numbn.batch_norm_forward(x, w, b)
-    np.testing.assert_allclose(y, _reference.forward_train(x, w, b)[0], rtol=1e-4, atol=1e-4)
-    calls = {f"numbn {k}": f for k, f in numbn_calls(x, w, b, rm, rv, dy, mean, invstd).items()}
-    try:
-        calls.update({f"torch {k}": f
-                      for k, f in torch_calls(x, w, b, rm, rv, dy, mean, invstd).items()})
-    except ImportError:
+    np.testing.assert_allclose(numbn.batch_norm_forward(x)[0], _reference.forward_train(x)[0],
+                               rtol=1e-4, atol=1e-4)
+    # The calls `numbn bench` times, on this small input.
+    calls = {f"numbn {k}": f for k, f in _bench._numbn_calls(x, 1, "cpu", rng).items()}
+    if _bench.has_torch():
+        calls.update({f"torch {k}": f for k, f in _bench._torch_calls(x, 1, rng).items()})
+    else:
         print("PyTorch is not installed: numbn only")
     big = np.ones(FLUSH_BYTES // 4, np.float32)
     dst = np.empty_like(big)
