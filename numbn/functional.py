@@ -5,8 +5,11 @@ Each function validates everything first, then runs one of three backends:
 (Numba CUDA kernels). On ``"cpu"`` the common calls take one kernel call
 each (inference, fused training forward, fused backward) that computes its
 per-channel coefficients itself from the caller's vectors: the host side is
-validation, a view and an allocation, a few microseconds, and it does no
-floating-point arithmetic to guard. The two-pass forms (CUDA, SyncBatchNorm,
+validation, a view and an allocation, and it does no floating-point
+arithmetic to guard. The plainest of those calls (C-contiguous NumPy
+float32/float64 input, vectors as the kernels take them) skip even the
+general checks by the direct path (:func:`_direct_view`): a call usually
+runs with cold caches, where every Python-level call counts. The two-pass forms (CUDA, SyncBatchNorm,
 inputs the fused kernels do not serve) share the coefficient arithmetic here,
 in float64 under ``np.errstate``.
 """
@@ -17,7 +20,7 @@ import functools
 
 import numpy as np
 
-from . import _checks, _reference
+from . import _checks, _dispatch, _reference
 from ._dispatch import resolve
 from ._layout import Plan, contiguous_view, empty
 from ._reference import _quiet
@@ -113,6 +116,61 @@ def _views(eng, x, axis: int, out=None):
     plan = Plan.of(xa, axis)
     full, y3 = eng.output(plan, _checks.dtype_of(x), out, like=x)
     return eng.canonical(xa, plan), full, y3, plan
+
+
+#: The dtypes of x, and of the per-channel vectors, that the CPU kernels take as they are.
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _direct_view(x, axis, backend):
+    """The ``(outer, C, inner)`` view of ``x`` when the call may take the
+    direct path: a C-contiguous, non-empty NumPy ``x`` of float32 or float64
+    with two or more channels, an integer ``axis`` in range, and the
+    ``"cpu"`` backend. None otherwise, and the general path validates and
+    runs the call.
+
+    The direct path (eval, training forward, backward) checks exactly what
+    the general path's checks and conversions would find nothing to do about,
+    with the attributes the kernels need, and calls the kernel launcher: about
+    10 Python-level calls, not 25 to 30. A call runs just after a kernel (the
+    caller's or its own last one) has streamed the caches out, where each
+    costs 1-3 us (``benchmarks/call_overhead.py``).
+    """
+    if type(x) is not np.ndarray or type(axis) is not int or x.dtype not in _KERNEL_DTYPES:
+        return None
+    if backend != "cpu" and (backend != "auto" or _dispatch._default not in ("auto", "cpu")):
+        return None
+    nd = x.ndim
+    if nd < 2 or not -nd <= axis < nd:
+        return None
+    return contiguous_view(x, axis)
+
+
+def _ready(c: int, *vectors) -> bool:
+    """True when every vector is a NumPy array of shape ``(c,)``, all of one
+    dtype, float32 or float64, C-contiguous and writable: valid for the
+    general path's checks, and as the kernels take them unconverted
+    (``numbn._cpu._kernel_vectors``)."""
+    first = vectors[0]
+    if type(first) is not np.ndarray:  # before the dtype test: dtype(None) is float64
+        return False
+    dt = first.dtype
+    if dt not in _KERNEL_DTYPES:
+        return False
+    for v in vectors:
+        if type(v) is not np.ndarray or v.dtype != dt or v.shape != (c,) or not v.flags.carray:
+            return False
+    return True
+
+
+def _direct_activation(activation):
+    """``relu`` as a bool for a valid ``activation``; None for anything else
+    (the general path raises for it)."""
+    if activation is None:
+        return False
+    if type(activation) is str and activation == "relu":
+        return True
+    return None
 
 
 def _ones(v, c):
@@ -285,6 +343,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     >>> rm
     array([0.55, 0.75], dtype=float32)
     """
+    if out is None:
+        y = _direct_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
+                               eps, axis, backend, activation)
+        if y is not None:
+            return y
     axis, relu = _check_forward(x, weight, bias, axis, out, activation)
     c = x.shape[axis]
     _checks.vector(running_mean, c, "running_mean", writable=training)
@@ -301,6 +364,41 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when training=False")
     return _infer(x, running_mean, running_var, weight, bias, eps, axis, backend, out, relu)
+
+
+def _direct_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                       axis, backend, activation):
+    """:func:`batch_norm` (``out=None``) by the direct path (:func:`_direct_view`):
+    ``y``, or None to leave the call to the general path. Takes ``weight``
+    and ``bias`` given; in training, running statistics both given or both
+    None, two or more values per channel, and an input the one-call kernel
+    serves (``numbn._cpu.train_ready``)."""
+    x3 = _direct_view(x, axis, backend)
+    relu = _direct_activation(activation)
+    if x3 is None or relu is None:
+        return None
+    outer, c, inner = x3.shape
+    kern = _cpu_kernels()
+    if not training:
+        if not _ready(c, running_mean, running_var, weight, bias):
+            return None
+        y = empty(x.shape, x.dtype)
+        kern.infer_ready(x3, running_mean, running_var, weight, bias, eps, relu,
+                         y.reshape(x3.shape))
+        return y
+    n = outer * inner
+    track = running_mean is not None or running_var is not None
+    if n < 2 or not _ready(c, weight, bias) or (track and not _ready(c, running_mean,
+                                                                     running_var)):
+        return None
+    factor = float(momentum)
+    y = empty(x.shape, x.dtype)
+    stats = kern.train_ready(x3, weight, bias, eps, relu, y.reshape(x3.shape))
+    if stats is None:
+        return None
+    if track:  # as update_running, unbiased, without its conversions
+        kern._update_running(running_mean, running_var, stats[0], stats[1], n / (n - 1), factor)
+    return y
 
 
 def update_running(running_mean, running_var, mean, var, count, factor, *, unbiased):
@@ -410,6 +508,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
     >>> dx.ravel(), dw, db
     (array([0., 0.]), array([-1.]), array([1.]))
     """
+    grads = _direct_backward(dy, x, mean, invstd, weight, bias, training, axis, backend,
+                             activation)
+    if grads is not None:
+        return grads
     _checks.input_array(x)
     axis = _checks.channel_axis(axis, len(x.shape))
     c = x.shape[axis]
@@ -435,6 +537,36 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
         return dx, None, None
     wdt = _checks.dtype_of(weight)
     return dx, eng.like(dw, wdt, weight), eng.like(db, wdt, weight)
+
+
+def _direct_backward(dy, x, mean, invstd, weight, bias, training, axis, backend, activation):
+    """:func:`batch_norm_backward` by the direct path (:func:`_direct_view`):
+    ``(dx, dweight, dbias)``, or None to leave the call to the general path.
+    Takes ``dy`` of x's shape, dtype and layout, ``weight`` given, a bool
+    ``training`` (with two or more values per channel), and channels whose
+    one-call kernel applies (``numbn._cpu.backward_ready``)."""
+    x3 = _direct_view(x, axis, backend)
+    relu = _direct_activation(activation)
+    if (x3 is None or relu is None or type(training) is not bool or type(dy) is not np.ndarray
+            or dy.dtype != x.dtype or dy.shape != x.shape or not dy.flags.c_contiguous):
+        return None
+    outer, c, inner = x3.shape
+    if training and outer * inner < 2:
+        return None
+    # Without the ReLU the kernels read bias for nothing (it only places the
+    # mask), so weight stands in for a missing one.
+    b = weight if bias is None and not relu else bias
+    if not _ready(c, mean, invstd, weight, b):
+        return None
+    dx = empty(x.shape, x.dtype)
+    grads = _cpu_kernels().backward_ready(dy.reshape(x3.shape), x3, mean, invstd, weight, b,
+                                          relu, training, dx.reshape(x3.shape))
+    if grads is None:
+        return None
+    dw, db = grads
+    if weight.dtype != dw.dtype:
+        dw, db = dw.astype(weight.dtype), db.astype(weight.dtype)
+    return dx, dw, db
 
 
 @_quiet  # the cast to float16 may overflow (dx is inf then), as in the kernel backends

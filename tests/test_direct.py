@@ -1,0 +1,128 @@
+"""The direct path of the functional API (``numbn.functional._direct_view``):
+the calls it takes give exactly what the general path gives, and it steps
+aside for everything else (other backends, layouts, dtypes, bad input)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make
+
+import numbn
+from numbn import _cpu, functional
+
+SHAPES = [((64, 16), 1), ((6, 8, 5, 7), 1), ((5, 4, 6, 12), 3), ((5, 4, 6, 12), -1),
+          ((3, 2, 40), 1), ((2, 5), 0)]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the direct path's kernel launches by name: the kernel module the
+    functions get (``functional._cpu_kernels``) with those three counted (the
+    general path's own use of them, inside ``train_fused`` and
+    ``backward_fused``, is not)."""
+    seen = {"infer_ready": 0, "train_ready": 0, "backward_ready": 0}
+
+    class Counted:
+        def __getattr__(self, name):
+            real = getattr(_cpu, name)
+            if name not in seen:
+                return real
+
+            def counted(*args):
+                seen[name] += 1
+                return real(*args)
+
+            return counted
+
+    monkeypatch.setattr(functional, "_cpu_kernels", Counted)
+    return seen
+
+
+def _general(monkeypatch):
+    monkeypatch.setattr(functional, "_direct_view", lambda x, axis, backend: None)
+
+
+def _calls(x, dy, axis, vdt, activation, rng):
+    """Every public call the direct path serves, with fresh running statistics."""
+    c = x.shape[axis]
+    w, b = make(rng, c, vdt, 1.0, 0.5), make(rng, c, vdt, 0.0, 0.5)
+    rm, rv = make(rng, c, vdt, 0.0, 1.0), make(rng, c, vdt, 2.0, 0.5)
+    y = numbn.batch_norm(x, rm, rv, w, b, True, 0.3, axis=axis, activation=activation)
+    ye = numbn.batch_norm(x, rm, rv, w, b, False, axis=axis, activation=activation)
+    yn = numbn.batch_norm(x, None, None, w, b, True, axis=axis, activation=activation)
+    _, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis, activation=activation)
+    out = [y, ye, yn, rm, rv]
+    for training in (True, False):
+        out += numbn.batch_norm_backward(dy, x, mean, invstd, w, bias=b, training=training,
+                                         axis=axis, activation=activation)
+        if activation is None:
+            out += numbn.batch_norm_backward(dy, x, mean, invstd, w, training=training,
+                                             axis=axis)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("vdt", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("shape,axis", SHAPES)
+def test_direct_equals_general(shape, axis, dtype, vdt, activation, spy, monkeypatch,
+                               cpu_path):
+    """Bitwise the same results, through every kernel family (``cpu_path``)."""
+    rng = np.random.default_rng(7)
+    x, dy = make(rng, shape, dtype), make(rng, shape, dtype, 0.0, 1.0)
+    direct = _calls(x, dy, axis, vdt, activation, np.random.default_rng(1))
+    # mean and invstd come in x's dtype: with weights of another, the vectors
+    # are of two dtypes and the backward takes the general path.
+    backwards = (4 if activation is None else 2) if vdt == dtype else 0
+    assert spy == {"infer_ready": 1, "train_ready": 2, "backward_ready": backwards}
+    _general(monkeypatch)
+    general = _calls(x, dy, axis, vdt, activation, np.random.default_rng(1))
+    assert len(direct) == len(general)
+    for k, (p, q) in enumerate(zip(direct, general)):
+        assert p.dtype == q.dtype and p.shape == q.shape, k
+        np.testing.assert_array_equal(p, q, err_msg=f"result {k}")
+
+
+def test_direct_path_declines(spy, rng):
+    """Calls the direct path leaves to the general path, which validates and runs them."""
+    x = make(rng, (8, 4, 3), np.float32)
+    c = 4
+    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    ro = rv.copy()
+    ro.flags.writeable = False
+    numbn.batch_norm(x, rm, rv, training=False)  # no weight and bias
+    numbn.batch_norm(x, rm, ro, w, b, training=False)  # a read-only vector
+    numbn.batch_norm(x.transpose(0, 2, 1), rm, rv, w, b, training=False, axis=2)  # strided
+    numbn.batch_norm(x.astype(np.float16), rm, rv, w, b, training=False)  # float16
+    numbn.batch_norm(x, rm, rv, w, b, training=False, backend="numpy")
+    numbn.batch_norm(x, rm.astype(np.float64), rv, w, b, training=False)  # mixed dtypes
+    numbn.batch_norm(x, rm, rv, w, b, training=False, out=np.empty_like(x))
+    with numbn.set_backend("numpy"):
+        numbn.batch_norm(x, rm, rv, w, b, training=False)
+    assert spy == {"infer_ready": 0, "train_ready": 0, "backward_ready": 0}
+    numbn.batch_norm(x, rm, rv, w, b, training=False)
+    assert spy["infer_ready"] == 1
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, v: numbn.batch_norm(x, v[:3], v, v, v, False),  # a short vector
+    lambda x, v: numbn.batch_norm(x, v, v, v, v, False, axis=3),  # axis out of range
+    lambda x, v: numbn.batch_norm(x, v, v, v, v, False, activation="tanh"),
+    lambda x, v: numbn.batch_norm(x[:1, :, :1], v, v, v, v, True),  # one value per channel
+    lambda x, v: numbn.batch_norm(x, v, v, v, v, True, momentum=None),
+    lambda x, v: numbn.batch_norm_backward(x[:, :, :2], x, v, v, v),  # dy of another shape
+    lambda x, v: numbn.batch_norm_backward(x, x, v[:2], v, v),  # a short mean
+    lambda x, v: numbn.batch_norm_backward(x, x, v, v, v, activation="relu6"),
+])
+def test_bad_input_through_the_direct_path_entry(call, rng):
+    """Bad calls that reach the direct path's checks raise the general path's
+    errors, and change nothing."""
+    x = make(rng, (8, 4, 3), np.float32)
+    v = np.ones(4, np.float32)
+    kept = x.copy(), v.copy()
+    with pytest.raises((ValueError, TypeError)):
+        call(x, v)
+    np.testing.assert_array_equal(x, kept[0])
+    np.testing.assert_array_equal(v, kept[1])
