@@ -931,8 +931,9 @@ def _ahead(x3) -> int:
     """Rows the rows kernels prefetch ahead of their loads of ``x``: about
     ``_config.CPU_ROWS_STREAM_AHEAD_BYTES``, or 0 (no prefetching) for
     cache-resident input (x and dy together within ``_config.CPU_CACHE_BYTES``;
-    0 also selects the four-row ReLU sums of :func:`_rows_sums`), where the prefetch instructions only cost (the
-    statistics of (8192, 64) took 1.35x as long with them; measured)."""
+    0 also selects the four-row ReLU sums of :func:`_rows_sums`), where the
+    prefetch instructions only cost (the statistics of (8192, 64) took 1.35x
+    as long with them; measured)."""
     return _rows_ahead(x3, _config.CPU_ROWS_STREAM_AHEAD_BYTES, _config.CPU_CACHE_BYTES)
 
 
@@ -1207,7 +1208,4 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
     (_backward_fused.serial if serial else _backward_fused.parallel)(
         dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK, zero,
         np.empty((C, 5), x3.dtype), dx3, db, dw)
-    return dw, db
-    _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK,
-                                _zero(x3), np.empty((C, 5), x3.dtype), dx3, db, dw)
     return dw, db

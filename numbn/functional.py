@@ -9,9 +9,9 @@ validation, a view and an allocation, and it does no floating-point
 arithmetic to guard. The plainest of those calls (C-contiguous NumPy
 float32/float64 input, vectors as the kernels take them) skip even the
 general checks by the direct path (:func:`_direct_view`): a call usually
-runs with cold caches, where every Python-level call counts. The two-pass forms (CUDA, SyncBatchNorm,
-inputs the fused kernels do not serve) share the coefficient arithmetic here,
-in float64 under ``np.errstate``.
+runs with cold caches, where every Python-level call counts. The two-pass
+forms (CUDA, SyncBatchNorm, inputs the fused kernels do not serve) share the
+coefficient arithmetic here, in float64 under ``np.errstate``.
 """
 
 from __future__ import annotations
