@@ -366,38 +366,58 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     return _infer(x, running_mean, running_var, weight, bias, eps, axis, backend, out, relu)
 
 
-def _direct_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                       axis, backend, activation):
-    """:func:`batch_norm` (``out=None``) by the direct path (:func:`_direct_view`):
-    ``y``, or None to leave the call to the general path. Takes ``weight``
-    and ``bias`` given; in training, running statistics both given or both
-    None, two or more values per channel, and an input the one-call kernel
-    serves (``numbn._cpu.train_ready``)."""
+def _direct_infer(x, mean, var, weight, bias, eps, axis, backend, activation):
+    """The eval forward by the direct path (:func:`_direct_view`): ``y``, or
+    None to leave the call to the general path. Takes ``weight`` and
+    ``bias`` given."""
+    x3 = _direct_view(x, axis, backend)
+    relu = _direct_activation(activation)
+    if x3 is None or relu is None or not _ready(x3.shape[1], mean, var, weight, bias):
+        return None
+    y = empty(x.shape, x.dtype)
+    _cpu_kernels().infer_ready(x3, mean, var, weight, bias, eps, relu, y.reshape(x3.shape))
+    return y
+
+
+def _direct_train(x, weight, bias, eps, axis, backend, activation, *running):
+    """The training forward by the direct path (:func:`_direct_view`):
+    ``(y, mean, var_biased, count)``, or None to leave the call to the
+    general path. Takes ``weight`` and ``bias`` given, two or more values per
+    channel, and an input the one-call kernel serves (``numbn._cpu.train_ready``);
+    ``running``, the running statistics the caller will update, must be as
+    the kernels take them too."""
     x3 = _direct_view(x, axis, backend)
     relu = _direct_activation(activation)
     if x3 is None or relu is None:
         return None
     outer, c, inner = x3.shape
-    kern = _cpu_kernels()
-    if not training:
-        if not _ready(c, running_mean, running_var, weight, bias):
-            return None
-        y = empty(x.shape, x.dtype)
-        kern.infer_ready(x3, running_mean, running_var, weight, bias, eps, relu,
-                         y.reshape(x3.shape))
-        return y
     n = outer * inner
-    track = running_mean is not None or running_var is not None
-    if n < 2 or not _ready(c, weight, bias) or (track and not _ready(c, running_mean,
-                                                                     running_var)):
+    if n < 2 or not _ready(c, weight, bias) or (running and not _ready(c, *running)):
         return None
-    factor = float(momentum)
     y = empty(x.shape, x.dtype)
-    stats = kern.train_ready(x3, weight, bias, eps, relu, y.reshape(x3.shape))
+    stats = _cpu_kernels().train_ready(x3, weight, bias, eps, relu, y.reshape(x3.shape))
     if stats is None:
         return None
+    return y, stats[0], stats[1], n
+
+
+def _direct_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                       axis, backend, activation):
+    """:func:`batch_norm` (``out=None``) by the direct path: ``y``, or None
+    to leave the call to the general path (in training, running statistics
+    both given or both None)."""
+    if not training:
+        return _direct_infer(x, running_mean, running_var, weight, bias, eps, axis, backend,
+                             activation)
+    track = running_mean is not None or running_var is not None
+    done = _direct_train(x, weight, bias, eps, axis, backend, activation,
+                         *((running_mean, running_var) if track else ()))
+    if done is None:
+        return None
+    y, mean, var, n = done
+    factor = float(momentum)  # raises where the general path would, before any update
     if track:  # as update_running, unbiased, without its conversions
-        kern._update_running(running_mean, running_var, stats[0], stats[1], n / (n - 1), factor)
+        _cpu_kernels()._update_running(running_mean, running_var, mean, var, n / (n - 1), factor)
     return y
 
 

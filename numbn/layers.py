@@ -12,6 +12,8 @@ from ._dispatch import is_device_array, resolve
 from ._reference import _quiet
 from .functional import (
     _check_forward,
+    _direct_infer,
+    _direct_train,
     _engine,
     _infer,
     _stats_dtype,
@@ -240,26 +242,69 @@ class BatchNorm:
         TypeError, ValueError
             As in :func:`numbn.batch_norm`; nothing is changed then.
         """
+        y = self._direct_forward(x)
+        return self._forward(x) if y is None else y
+
+    def _use_batch(self) -> bool:
+        """Whether a forward normalises with the batch's statistics; a frozen
+        layer uses its running statistics in training mode too (freeze())."""
+        return (self.training and not self._frozen) or not self.track_running_stats
+
+    def _direct_forward(self, x):
+        """:meth:`forward` by the functions' direct path
+        (``numbn.functional._direct_view``): ``y``, or None to leave the call
+        to :meth:`_forward`. Takes parameters and running statistics as the
+        kernels take them (NumPy float32/float64 vectors), so there is
+        nothing to place."""
+        axis = self.axis
+        if not self._use_batch():
+            y = _direct_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
+                              self.eps, axis, self.backend, self.activation)
+            if y is not None:
+                self._save_running(x, axis % x.ndim)
+            return y
+        update = self.training and self.track_running_stats
+        done = _direct_train(x, self.weight, self.bias, self.eps, axis, self.backend,
+                             self.activation,
+                             *((self.running_mean, self.running_var) if update else ()))
+        if done is None:
+            return None
+        y, mean, var, n = done
+        self._after_batch(x, mean, var, n, axis % x.ndim)
+        return y
+
+    def _forward(self, x):
+        """:meth:`forward` by the general path."""
         axis, relu = _check_forward(x, self.weight, self.bias, self.axis, None,
                                     self.activation)
         if x.shape[axis] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels on axis {self.axis}, "
                              f"got input of shape {tuple(x.shape)}")
-        # A frozen layer uses its running statistics in training mode too (freeze()).
-        use_batch = (self.training and not self._frozen) or not self.track_running_stats
-        if not use_batch:
+        if not self._use_batch():
             self._place(x)
             y = _infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                        self.eps, axis, self.backend, None, relu)
-            mean = np.asarray(_engine_host(self.running_mean), np.float64)
-            invstd = 1.0 / np.sqrt(np.asarray(_engine_host(self.running_var), np.float64)
-                                   + self.eps)
-            self._saved = (x, mean, invstd, False, axis)
+            self._save_running(x, axis)
             return y
         n = _checks.training_count(x.shape, axis)
         self._place(x)
         y, mean, var, _ = _train(x, self.weight, self.bias, self.eps, axis, self.backend,
                                  None, relu)
+        self._after_batch(x, mean, var, n, axis)
+        return y
+
+    def _save_running(self, x, axis: int) -> None:
+        """What the backward of an eval-mode forward needs: x and the running
+        statistics as float64 mean and invstd."""
+        mean = np.asarray(_engine_host(self.running_mean), np.float64)
+        invstd = 1.0 / np.sqrt(np.asarray(_engine_host(self.running_var), np.float64)
+                               + self.eps)
+        self._saved = (x, mean, invstd, False, axis)
+
+    def _after_batch(self, x, mean, var, n: int, axis: int) -> None:
+        """After a forward with batch statistics (float64 ``mean`` and biased
+        ``var`` of ``n`` values per channel): the observer, the running
+        statistics, and what the backward needs."""
         if self._observer is not None:
             self._observer(self, mean, var, n)
         if self.training and self.track_running_stats:
@@ -267,7 +312,6 @@ class BatchNorm:
             update_running(self.running_mean, self.running_var, mean, var, n, self._factor(),
                            unbiased=self.convention.unbiased_running_var)
         self._saved = (x, mean, 1.0 / np.sqrt(var + self.eps), True, axis)
-        return y
 
     def _place(self, x) -> None:
         """Keep the parameters and running statistics where ``x`` lives.

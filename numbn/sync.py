@@ -58,7 +58,6 @@ from .functional import (
     _kernel_backward,
     _stats_dtype,
     _train,
-    update_running,
 )
 from .layers import BatchNorm
 
@@ -259,13 +258,8 @@ class SyncBatchNorm(BatchNorm):
                 raise
             self._gather_stats(None, None, 0, _FAILED, x, exc)  # raises on every rank
             raise  # not reached
-        if self._observer is not None:
-            self._observer(self, mean, var, n)
-        if self.track_running_stats:
-            self.num_batches_tracked += 1
-            update_running(self.running_mean, self.running_var, mean, var, n, self._factor(),
-                           unbiased=self.convention.unbiased_running_var)
-        self._saved = _Synced((x, mean, 1.0 / np.sqrt(var + self.eps), True, axis), n)
+        self._after_batch(x, mean, var, n, axis)  # with the global statistics and count
+        self._saved = _Synced(self._saved, n)
         return y
 
     def _gather_stats(self, mean, var, count, status, x, exc=None):

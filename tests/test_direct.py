@@ -112,6 +112,7 @@ def test_direct_path_declines(spy, rng):
     lambda x, v: numbn.batch_norm(x, v, v, v, v, False, activation="tanh"),
     lambda x, v: numbn.batch_norm(x[:1, :, :1], v, v, v, v, True),  # one value per channel
     lambda x, v: numbn.batch_norm(x, v, v, v, v, True, momentum=None),
+    lambda x, v: numbn.batch_norm(x, None, None, v, v, True, momentum="fast"),
     lambda x, v: numbn.batch_norm_backward(x[:, :, :2], x, v, v, v),  # dy of another shape
     lambda x, v: numbn.batch_norm_backward(x, x, v[:2], v, v),  # a short mean
     lambda x, v: numbn.batch_norm_backward(x, x, v, v, v, activation="relu6"),
@@ -126,3 +127,48 @@ def test_bad_input_through_the_direct_path_entry(call, rng):
         call(x, v)
     np.testing.assert_array_equal(x, kept[0])
     np.testing.assert_array_equal(v, kept[1])
+
+
+def _layer_steps(convention, momentum, track, freeze_at, x_steps, dys):
+    """Three forward/backward steps of a layer (eval at the last), and all it returns and holds."""
+    kw = {} if momentum == "default" else {"momentum": momentum}
+    axis = -1 if convention in ("keras", "flax") else 1
+    bn = numbn.BatchNorm(x_steps[0].shape[axis], convention=convention,
+                         track_running_stats=track, **kw)
+    bn.weight[:] = np.linspace(0.5, 1.5, bn.num_features)
+    bn.bias[:] = np.linspace(-0.3, 0.3, bn.num_features)
+    out = []
+    for k, (x, dy) in enumerate(zip(x_steps, dys)):
+        if k == freeze_at:
+            bn.freeze()
+        if k == len(x_steps) - 1:
+            bn.eval()
+        out += [bn(x), bn.backward(dy), bn.grad_weight, bn.grad_bias]
+        if track:
+            out += [bn.running_mean.copy(), bn.running_var.copy(),
+                    np.array(bn.num_batches_tracked)]
+    return out
+
+
+@pytest.mark.parametrize("convention", ["torch", "keras", "paddle", "flax"])
+@pytest.mark.parametrize("momentum,track,freeze_at", [
+    ("default", True, None), (None, True, None), ("default", False, None), ("default", True, 1)])
+def test_layer_direct_equals_general(convention, momentum, track, freeze_at, spy, monkeypatch):
+    """The layer's forward by the direct path: the same outputs, gradients,
+    running statistics and counters, bit for bit, in every mode."""
+    if momentum is None and convention != "torch":
+        pytest.skip("momentum=None is a torch convention")
+    rng = np.random.default_rng(11)
+    channels_last = convention in ("keras", "flax")
+    shape = (6, 5, 7, 4) if channels_last else (6, 4, 5, 7)
+    xs = [make(rng, shape, np.float32) for _ in range(3)]
+    dys = [make(rng, shape, np.float32, 0.0, 1.0) for _ in range(3)]
+    direct = _layer_steps(convention, momentum, track, freeze_at, xs, dys)
+    assert spy["infer_ready"] + spy["train_ready"] == 3  # every forward took it
+    _general(monkeypatch)
+    general = _layer_steps(convention, momentum, track, freeze_at, xs, dys)
+    for k, (p, q) in enumerate(zip(direct, general)):
+        if p is None or q is None:
+            assert p is None and q is None, k
+            continue
+        np.testing.assert_array_equal(p, q, err_msg=f"item {k}")
