@@ -1005,24 +1005,12 @@ def _elementwise(channel_major, rows, x3, y3, *args) -> None:
 def _launch_elementwise(channel_major, rows, x3, y3, *args) -> None:
     """``kernel(x, *args, zero, y, split)`` on a non-empty float32 or float64
     ``x3`` into ``y3`` of its dtype; the rows kernel, for channels-last
-    input, with ``ahead`` (:func:`_ahead`) after ``split``.
-
-    Flat on purpose (no helper calls but the thread count): the host side of
-    a call runs just after a kernel has streamed the caches out, where each
-    Python-level call costs a microsecond or more."""
-    outer, C, inner = x3.shape
-    n = outer * C * inner
-    want = _threads() * _config.CPU_TASKS_PER_THREAD
-    by_size = max(1, n // _config.CPU_MIN_TASK)
-    zero = _ZEROS[x3.itemsize]
-    serial = n < _config.CPU_PARALLEL_MIN
-    if inner > 1:
-        split = max(1, min(want, by_size, inner) // (outer * C))  # _isplit
-        (channel_major.serial if serial else channel_major.parallel)(x3, *args, zero, y3, split)
+    input, with ``ahead`` (:func:`_ahead`) after ``split``."""
+    if x3.shape[2] > 1:
+        channel_major.on(x3.size)(x3, *args, _zero(x3), y3, _isplit(x3))
     else:
-        (rows.serial if serial else rows.parallel)(
-            x3[:, :, 0], *args, zero, y3[:, :, 0], max(1, min(want, by_size, outer)),
-            _ahead(x3))
+        rows.on(x3.size)(x3[:, :, 0], *args, _zero(x3), y3[:, :, 0],
+                         _tasks(x3.size, x3.shape[0]), _ahead(x3))
 
 
 def normalize(x3, m, a, t, relu, y3) -> None:
@@ -1144,27 +1132,20 @@ def train_fused(x3, w, b, eps, relu, y3):
 def train_ready(x3, w, b, eps, relu, y3):
     """:func:`train_fused` for a caller that has checked what it would
     convert: ``x3`` float32 or float64 and not empty, ``y3`` of its dtype,
-    ``w`` and ``b`` as :func:`_kernel_vectors` takes them unchanged. Flat, as
-    :func:`_launch_elementwise`."""
+    ``w`` and ``b`` as :func:`_kernel_vectors` takes them unchanged."""
     outer, C, inner = x3.shape
-    n = outer * C * inner
-    serial = n < _config.CPU_PARALLEL_MIN
-    zero = _ZEROS[x3.itemsize]
-    if inner == 1:
-        nsplit = max(1, min(_threads() * _config.CPU_TASKS_PER_THREAD,
-                            n // _config.CPU_MIN_TASK, outer))  # _tasks(n, outer)
-        mean, var = np.empty(C), np.empty(C)
-        (_train_rows.serial if serial else _train_rows.parallel)(
-            x3[:, :, 0], w, b, float(eps), relu, nsplit, _block_rows(C), zero,
-            np.empty(nsplit), np.empty((nsplit, C)), np.empty((nsplit, C)), y3[:, :, 0],
-            mean, var, _ahead(x3))
-        return mean, var
-    if not _fusable(x3):
+    if inner > 1 and not _fusable(x3):
         return None
     mean, var = np.empty(C), np.empty(C)
-    (_train_fused.serial if serial else _train_fused.parallel)(
-        x3, w, b, float(eps), relu, _config.CPU_BLOCK, zero, np.empty((C, 4), x3.dtype), y3,
-        mean, var)
+    if inner == 1:
+        nsplit = _tasks(x3.size, outer)
+        _train_rows.on(x3.size)(
+            x3[:, :, 0], w, b, float(eps), relu, nsplit, _block_rows(C), _zero(x3),
+            np.empty(nsplit), np.empty((nsplit, C)), np.empty((nsplit, C)), y3[:, :, 0],
+            mean, var, _ahead(x3))
+    else:
+        _train_fused.on(x3.size)(x3, w, b, float(eps), relu, _config.CPU_BLOCK, _zero(x3),
+                                 np.empty((C, 4), x3.dtype), y3, mean, var)
     return mean, var
 
 
@@ -1188,24 +1169,18 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
     """:func:`backward_fused` for a caller that has checked what it would
     convert: ``x3`` float32 or float64 and not empty, ``dy3`` and ``dx3`` of
     its dtype, the four vectors as :func:`_kernel_vectors` takes them
-    unchanged. Flat, as :func:`_launch_elementwise`."""
+    unchanged."""
     outer, C, inner = x3.shape
-    n = outer * C * inner
-    serial = n < _config.CPU_PARALLEL_MIN
-    zero = _ZEROS[x3.itemsize]
-    if inner == 1:
-        nsplit = max(1, min(_threads() * _config.CPU_TASKS_PER_THREAD,
-                            n // _config.CPU_MIN_TASK, outer))  # _tasks(n, outer)
-        dw, db = np.empty(C), np.empty(C)
-        (_backward_rows.serial if serial else _backward_rows.parallel)(
-            dy3[:, :, 0], x3[:, :, 0], mean, inv, w, b, relu, training, nsplit, _block_rows(C),
-            zero, _ahead(x3), _gate_ahead(x3), np.empty((5, C), x3.dtype),
-            np.empty((nsplit, C)), np.empty((nsplit, C)), dx3[:, :, 0], db, dw)
-        return dw, db
-    if not _fusable(x3) or not dy3.flags.c_contiguous:
+    if inner > 1 and (not _fusable(x3) or not dy3.flags.c_contiguous):
         return None
     dw, db = np.empty(C), np.empty(C)
-    (_backward_fused.serial if serial else _backward_fused.parallel)(
-        dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK, zero,
-        np.empty((C, 5), x3.dtype), dx3, db, dw)
+    if inner == 1:
+        nsplit = _tasks(x3.size, outer)
+        _backward_rows.on(x3.size)(
+            dy3[:, :, 0], x3[:, :, 0], mean, inv, w, b, relu, training, nsplit, _block_rows(C),
+            _zero(x3), _ahead(x3), _gate_ahead(x3), np.empty((5, C), x3.dtype),
+            np.empty((nsplit, C)), np.empty((nsplit, C)), dx3[:, :, 0], db, dw)
+    else:
+        _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK,
+                                    _zero(x3), np.empty((C, 5), x3.dtype), dx3, db, dw)
     return dw, db
