@@ -13,6 +13,8 @@ import numpy as np
 from ._dispatch import is_device_array
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: The dtypes the CPU kernels take as they are: of x, and of the per-channel vectors.
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def dtype_of(a) -> np.dtype:
@@ -105,3 +107,22 @@ def activation(name):
     if name not in (None, "relu"):
         raise ValueError(f"activation must be None or 'relu', not {name!r}")
     return name == "relu"
+
+
+def kernel_ready(vectors, c: int | None = None) -> bool:
+    """True when the per-channel ``vectors`` are NumPy arrays all of one
+    dtype in ``KERNEL_DTYPES``, C-contiguous, aligned and writable
+    (``flags.carray``: Numba compiles a variant per array type, and a
+    read-only array is a type of its own), and of shape ``(c,)`` when ``c``
+    is given: the CPU kernels take them as they are."""
+    first = vectors[0]
+    if not isinstance(first, np.ndarray):  # before the dtype test: dtype(None) is float64
+        return False
+    dt = first.dtype
+    if dt not in KERNEL_DTYPES:
+        return False
+    for v in vectors:
+        if (not isinstance(v, np.ndarray) or v.dtype != dt or not v.flags.carray
+                or (c is not None and v.shape != (c,))):
+            return False
+    return True

@@ -54,7 +54,7 @@ from numba import njit, prange
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import _config
+from . import _checks, _config
 
 _FASTMATH = {"reassoc", "contract"}
 #: Chunks of ``dy`` the ReLU-gated backward sums prefetch ahead (:func:`_prefetch_ahead`).
@@ -1035,7 +1035,6 @@ def infer_ready(x3, mean, var, w, b, eps, relu, y3) -> None:
                         relu)
 
 
-_VECTOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _affine(w, b, C: int, like):
@@ -1051,13 +1050,8 @@ def _kernel_vectors(*vs):
     read-only array is a type of its own), else all copied to float64. No
     per-call conversion in the common case, and at most two compiled variants
     per kernel and input dtype."""
-    dt = getattr(vs[0], "dtype", None)
-    if dt in _VECTOR_DTYPES:
-        for v in vs:  # carray: C-contiguous, aligned and writable
-            if not isinstance(v, np.ndarray) or v.dtype != dt or not v.flags.carray:
-                break
-        else:
-            return vs
+    if _checks.kernel_ready(vs):
+        return vs
     return [np.ascontiguousarray(v, np.float64) for v in vs]
 
 

@@ -118,10 +118,6 @@ def _views(eng, x, axis: int, out=None):
     return eng.canonical(xa, plan), full, y3, plan
 
 
-#: The dtypes of x, and of the per-channel vectors, that the CPU kernels take as they are.
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
 def _direct_view(x, axis, backend):
     """The ``(outer, C, inner)`` view of ``x`` when the call may take the
     direct path: a C-contiguous, non-empty NumPy ``x`` of float32 or float64
@@ -136,7 +132,7 @@ def _direct_view(x, axis, backend):
     caller's or its own last one) has streamed the caches out, where each
     costs 1-3 us (``benchmarks/call_overhead.py``).
     """
-    if type(x) is not np.ndarray or type(axis) is not int or x.dtype not in _KERNEL_DTYPES:
+    if type(x) is not np.ndarray or type(axis) is not int or x.dtype not in _checks.KERNEL_DTYPES:
         return None
     if backend != "cpu" and (backend != "auto" or _dispatch._default not in ("auto", "cpu")):
         return None
@@ -147,20 +143,10 @@ def _direct_view(x, axis, backend):
 
 
 def _ready(c: int, *vectors) -> bool:
-    """True when every vector is a NumPy array of shape ``(c,)``, all of one
-    dtype, float32 or float64, C-contiguous and writable: valid for the
-    general path's checks, and as the kernels take them unconverted
-    (``numbn._cpu._kernel_vectors``)."""
-    first = vectors[0]
-    if type(first) is not np.ndarray:  # before the dtype test: dtype(None) is float64
-        return False
-    dt = first.dtype
-    if dt not in _KERNEL_DTYPES:
-        return False
-    for v in vectors:
-        if type(v) is not np.ndarray or v.dtype != dt or v.shape != (c,) or not v.flags.carray:
-            return False
-    return True
+    """True when the vectors are valid for the general path's checks and as
+    the kernels take them unconverted (``_checks.kernel_ready`` with shape
+    ``(c,)``)."""
+    return _checks.kernel_ready(vectors, c)
 
 
 def _direct_activation(activation):
