@@ -16,13 +16,6 @@ CPU_BLOCK = 4096
 #: fitting in a core's L2 cache for the second pass.
 CPU_ROWS_BLOCK = 32768
 
-#: How far ahead (bytes of dy) the ReLU-gated channels-last backward kernels
-#: prefetch dy, whose gated load waits on x (see ``_cpu._prefetch_ahead``).
-CPU_ROWS_PREFETCH_BYTES = 4096
-#: None of that prefetching when x and dy together take at most this many
-#: bytes: L2-sized input, where it only costs (``_cpu._gate_ahead``).
-CPU_GATE_PREFETCH_MIN_BYTES = 4 * 1024 * 1024
-
 #: How far ahead (bytes of x) the channels-last statistics and normalisation
 #: kernels prefetch x when it is not cache-resident (``_cpu._ahead``).
 CPU_ROWS_STREAM_AHEAD_BYTES = 8192

@@ -57,10 +57,6 @@ from numba.extending import intrinsic
 from . import _checks, _config
 
 _FASTMATH = {"reassoc", "contract"}
-#: Chunks of ``dy`` the ReLU-gated backward sums prefetch ahead (:func:`_prefetch_ahead`).
-_LEAD = 2
-#: Elements per run of the channel-major apply's prefetch under the ReLU.
-_APPLY_RUN = 4096
 #: ``error_model="numpy"``: a float division by zero gives inf or NaN, as in
 #: NumPy and PyTorch (eps=0 on a constant channel), where Numba's default
 #: "python" model raises ZeroDivisionError (and tests every divisor).
@@ -352,7 +348,15 @@ def _gate(g, xv, m, a, t, relu, zero):
     """``dy``, or ``zero`` where the fused ReLU did not pass its input: 0 at
     the boundary ``(x - m) * a + t == 0`` (and for NaN), as torch's
     ``threshold_backward``. The test is the forward's own expression, so the
-    mask matches the forward; ``relu`` is loop-invariant and LLVM unswitches it."""
+    mask matches the forward; ``relu`` is loop-invariant and LLVM unswitches it.
+
+    Callers under the ReLU also add ``dy`` to a sum that they store and never
+    read (a *sink*): a load whose only use is this select compiles to a
+    masked load (AVX-512), which waits for its mask, i.e. for x's load and
+    the arithmetic above. Streaming from memory, that made the gated sums
+    1.3-1.8x the plain time (serial, 25M float32), 1.04x with the sink; the
+    whole ReLU backward of (8192, 64) from memory went from 1.94x plain to
+    1.25x (measured)."""
     keep = (not relu) | ((xv - m) * a + t > 0.0)  # a select, not a branch: vectorises
     return g if keep else zero
 
@@ -397,39 +401,35 @@ def _prefetch_rows(x, r, n):
 
 
 @njit(inline="always")
-def _prefetch_ahead(dy, o, c, b0, block, lead):
-    """Prefetch ``dy``'s chunk ``lead`` chunks after the one at ``[o, c, b0:]``
-    in a chunk loop over ``o`` then ``b0`` in steps of ``block``.
-
-    Why: under the fused ReLU the gated ``dy`` compiles to a masked load
-    (AVX-512), which waits for its mask, i.e. for ``x``'s load and the
-    forward's arithmetic; streaming from memory, that dependency cost 1.4-2x
-    over plain (serial sums kernel, measured), most at short inner runs where
-    the hardware prefetcher has no stream to follow. Prefetched, the masked
-    loads hit the cache and relu runs at plain's speed on short runs.
-    """
-    outer = dy.shape[0]
-    inner = dy.shape[2]
-    for _ in range(lead):
-        b0 += block
-        if b0 >= inner:
-            o += 1
-            b0 = 0
-    if o < outer:
-        _prefetch_run(dy[o, c, b0:min(b0 + block, inner)])
+def _chunk_sums(gr, xr, m, a, t, relu, zero):
+    """``sum(g)`` and ``sum(g * (x - m))`` of one chunk, summed in x's dtype
+    and returned in float64 (``g`` is ``dy`` gated by the fused ReLU), and,
+    under the ReLU, ``sum(dy)`` (else 0) for the caller's sink (:func:`_gate`)."""
+    sg = zero
+    sgx = zero
+    sd = zero
+    for i in range(xr.shape[0]):
+        d = gr[i]
+        if relu:
+            sd += d
+        g = _gate(d, xr[i], m, a, t, relu, zero)
+        sg += g
+        sgx += g * (xr[i] - m)
+    return np.float64(sg), np.float64(sgx), np.float64(sd)
 
 
 @njit(inline="always")
-def _chunk_sums(gr, xr, m, a, t, relu, zero):
-    """``sum(g)`` and ``sum(g * (x - m))`` of one chunk, summed in x's dtype
-    and returned in float64 (``g`` is ``dy`` gated by the fused ReLU)."""
-    sg = zero
-    sgx = zero
+def _apply_run(gr, xr, dr, m, a, t, relu, b, d, zero):
+    """``dr = g * a + (xr - m) * b + d`` along one run; returns, under the
+    ReLU, ``sum(dy)`` (else 0) for the caller's sink (:func:`_gate`)."""
+    sd = zero
     for i in range(xr.shape[0]):
-        g = _gate(gr[i], xr[i], m, a, t, relu, zero)
-        sg += g
-        sgx += g * (xr[i] - m)
-    return np.float64(sg), np.float64(sgx)
+        u = gr[i]
+        if relu:
+            sd += u
+        g = _gate(u, xr[i], m, a, t, relu, zero)
+        dr[i] = g * a + (xr[i] - m) * b + d
+    return np.float64(sd)
 
 
 @njit(inline="always")
@@ -524,7 +524,7 @@ def _infer_rows(x, mean, var, w, b, eps, relu, zero, y, nsplit, ahead):
 
 
 @_Kernel
-def _sums_channel_major(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot):
+def _sums_channel_major(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot, sink):
     outer, C, inner = x.shape
     total = outer * inner
     for task in prange(C * nsplit):
@@ -535,25 +535,28 @@ def _sums_channel_major(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot):
         mc, ac, tc = m[c], a[c], t[c]
         acc_g = 0.0
         acc_gx = 0.0
+        acc_d = 0.0
         for o in range(f0 // inner, (f1 + inner - 1) // inner):
             i0 = max(f0 - o * inner, 0)
             i1 = min(f1 - o * inner, inner)
             for b0 in range(i0, i1, block):
                 b1 = min(b0 + block, i1)
-                if relu:
-                    _prefetch_ahead(dy, o, c, b0, block, _LEAD)
-                sg, sgx = _chunk_sums(dy[o, c, b0:b1], x[o, c, b0:b1], mc, ac, tc, relu, zero)
+                sg, sgx, sd = _chunk_sums(dy[o, c, b0:b1], x[o, c, b0:b1], mc, ac, tc, relu,
+                                          zero)
                 acc_g += sg
                 acc_gx += sgx
+                acc_d += sd
         psum[c, s] = acc_g
         pdot[c, s] = acc_gx
+        sink[task] = acc_d  # the sink: see _gate
 
 
 @njit(inline="always")
-def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
+def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx, sd):
     """Add the ReLU-gated ``g`` and ``g * (x - m)`` of rows ``r0:r4`` (four
-    rows at a time) to ``sg`` and ``sgx``: one load and store of the
-    accumulators and one load of the coefficients per four rows. With the
+    rows at a time) to ``sg`` and ``sgx``, and ``dy`` to the sink ``sd``
+    (:func:`_gate`): one load and store of the accumulators and one load of
+    the coefficients per four rows. With the
     input in cache this took 0.65-0.8 of the row-by-row time (measured); from
     memory it was 1.2-3x slower, so :func:`_rows_sums` takes it only for
     cache-resident input."""
@@ -563,7 +566,6 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
         for c in range(x.shape[1]):
             mc, ac, tc = m[c], a[c], t[c]
             e0, e1, e2, e3 = x0[c] - mc, x1[c] - mc, x2[c] - mc, x3[c] - mc
-            # dy loaded whatever the gate says: a load under the gate is a masked load.
             u0, u1, u2, u3 = g0[c], g1[c], g2[c], g3[c]
             h0 = _gate(u0, x0[c], mc, ac, tc, True, zero)
             h1 = _gate(u1, x1[c], mc, ac, tc, True, zero)
@@ -571,24 +573,29 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
             h3 = _gate(u3, x3[c], mc, ac, tc, True, zero)
             sg[c] += (h0 + h1) + (h2 + h3)
             sgx[c] += (h0 * e0 + h1 * e1) + (h2 * e2 + h3 * e3)
+            sd[c] += (u0 + u1) + (u2 + u3)
 
 
 @njit(inline="always")
-def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead, gate_ahead):
+def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead):
     """``sum(g)`` and ``sum(g * (x - m))`` per channel over rows ``o0:o1``
     into ``psum`` and ``pdot`` (length C): blocks of ``block_rows`` rows
     summed in x's dtype, then float64, row by row, or, under the ReLU with
     the input in cache (``ahead == 0``, :func:`_ahead`), four rows at a time.
     (A four-row form of the plain sums was no faster in cache and 1.3x
     slower from memory.) The plain sums prefetch x and dy ``ahead`` rows
-    ahead, the gated ones dy ``gate_ahead`` rows ahead (:func:`_gate_ahead`)."""
+    ahead; the gated ones do not (no faster with it, measured). Returns,
+    under the ReLU, the sum of ``dy`` (else 0), for the caller's sink
+    (:func:`_gate`)."""
     C = x.shape[1]
-    acc = np.empty((2, C), x.dtype)  # not the caller's: see _rows_moments
+    acc = np.empty((3, C), x.dtype)  # not the caller's: see _rows_moments
     sg = acc[0]
     sgx = acc[1]
+    sd = acc[2]
     for c in range(C):
         psum[c] = 0.0
         pdot[c] = 0.0
+        sd[c] = zero
     for r0 in range(o0, o1, block_rows):
         r1 = min(r0 + block_rows, o1)
         for c in range(C):
@@ -597,19 +604,19 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
         start = r0
         if relu and ahead == 0:
             start = r0 + (r1 - r0) // 4 * 4
-            _rows_relu_sums4(dy, x, r0, start, m, a, t, zero, sg, sgx)
+            _rows_relu_sums4(dy, x, r0, start, m, a, t, zero, sg, sgx, sd)
         for o in range(start, r1):
             xr = x[o]
             gr = dy[o]
-            # Two loops, not one with a runtime gate: the gated load compiles
-            # to a masked load, which waits on x (see _prefetch_ahead) and, in
-            # one loop, slowed the plain sums 2.5x from memory too (measured).
+            # Two loops, not one with a runtime gate: in one loop the plain
+            # sums were 2.5x slower from memory (measured).
             if relu:
-                _prefetch_rows(dy, o + gate_ahead, 1 if gate_ahead else 0)
                 for c in range(C):
-                    g = _gate(gr[c], xr[c], m[c], a[c], t[c], True, zero)
+                    u = gr[c]
+                    g = _gate(u, xr[c], m[c], a[c], t[c], True, zero)
                     sg[c] += g
                     sgx[c] += g * (xr[c] - m[c])
+                    sd[c] += u
             else:
                 _prefetch_rows(x, o + ahead, 1 if ahead else 0)
                 _prefetch_rows(dy, o + ahead, 1 if ahead else 0)
@@ -620,18 +627,22 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
         for c in range(C):
             psum[c] += np.float64(sg[c])
             pdot[c] += np.float64(sgx[c])
+    total = 0.0
+    for c in range(C):
+        total += np.float64(sd[c])
+    return total
 
 
 @_Kernel
-def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, psum, pdot, ahead, gate_ahead):
+def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, psum, pdot, ahead, sink):
     R = x.shape[0]
     for s in prange(nsplit):
-        _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu, block_rows,
-                   zero, psum[s], pdot[s], ahead, gate_ahead)
+        sink[s] = _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu,
+                             block_rows, zero, psum[s], pdot[s], ahead)
 
 
 @_Kernel
-def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit):
+def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit, sink):
     outer, C, inner = x.shape
     for task in prange(outer * C * isplit):
         o, c, i0, i1 = _task_span(task, isplit, C, inner)
@@ -640,51 +651,41 @@ def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit):
         dr = dx[o, c, i0:i1]
         mc, ac, tc, bc, dc = m[c], a[c], t[c], b[c], d[c]
         zero = mc - mc
-        if relu:  # as _prefetch_ahead: the next tasks' dy, then this one's chunk by chunk
-            oa, ca, a0, a1 = _task_span(min(task + _LEAD, outer * C * isplit - 1), isplit, C,
-                                        inner)
-            _prefetch_run(dy[oa, ca, a0:a1])
-        run = _APPLY_RUN if relu else max(i1 - i0, 1)  # plain: one run, as before
-        for k0 in range(0, i1 - i0, run):
-            k1 = min(k0 + run, i1 - i0)
-            if relu:
-                _prefetch_run(gr[k1:min(k1 + run, i1 - i0)])
-            xk = xr[k0:k1]
-            gk = gr[k0:k1]
-            dk = dr[k0:k1]
-            for i in range(k1 - k0):
-                g = _gate(gk[i], xk[i], mc, ac, tc, relu, zero)
-                dk[i] = g * ac + (xk[i] - mc) * bc + dc
+        sink[task] = _apply_run(gr, xr, dr, mc, ac, tc, relu, bc, dc, zero)  # the sink: see _gate
 
 
 @njit(inline="always")
-def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead, gate_ahead):
+def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead, zero):
     """Rows ``o0:o1`` of ``dx = g * a + (x - m) * b + d`` (row by row: four
     rows per load of the coefficients was 10-25% slower here, measured); the
-    plain form prefetches x and dy ``ahead`` rows ahead (:func:`_ahead`),
-    the gated one dy ``gate_ahead`` rows ahead (:func:`_gate_ahead`)."""
+    plain form prefetches x and dy ``ahead`` rows ahead (:func:`_ahead`).
+    Returns, under the ReLU, the sum of ``dy`` (else 0) for the caller's
+    sink (:func:`_gate`)."""
+    sd = zero
     for o in range(o0, o1):
         xr = x[o]
         gr = dy[o]
         dr = dx[o]
         if relu:  # two loops, as in _rows_sums
-            _prefetch_rows(dy, o + gate_ahead, 1 if gate_ahead else 0)
             for c in range(x.shape[1]):
-                g = _gate(gr[c], xr[c], m[c], a[c], t[c], True, m[c] - m[c])
+                u = gr[c]
+                sd += u
+                g = _gate(u, xr[c], m[c], a[c], t[c], True, zero)
                 dr[c] = g * a[c] + (xr[c] - m[c]) * b[c] + d[c]
         else:
             _prefetch_rows(x, o + ahead, 1 if ahead else 0)
             _prefetch_rows(dy, o + ahead, 1 if ahead else 0)
             for c in range(x.shape[1]):
                 dr[c] = gr[c] * a[c] + (xr[c] - m[c]) * b[c] + d[c]
+    return np.float64(sd)
 
 
 @_Kernel
-def _apply_rows(dy, x, m, a, t, relu, b, d, dx, nsplit, ahead, gate_ahead):
+def _apply_rows(dy, x, m, a, t, relu, b, d, dx, nsplit, ahead, zero, sink):
     R = x.shape[0]
     for s in prange(nsplit):
-        _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu, b, d,
-                         dx, ahead, gate_ahead)
+        sink[s] = _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu,
+                                   b, d, dx, ahead, zero)
 
 
 @njit(inline="always")
@@ -728,7 +729,7 @@ def _backward_vectors(mean, inv, w, b, c):
 
 
 @_Kernel
-def _backward_fused(dy, x, mean, inv, w, b, relu, training, block, zero, cells, dx,
+def _backward_fused(dy, x, mean, inv, w, b, relu, training, block, zero, cells, sink, dx,
                     db_out, dw_out):
     """Backward with one task per channel, for cache-sized channel slabs:
     the sums, then dx while x and dy are still cached (3|x| of traffic).
@@ -744,14 +745,15 @@ def _backward_fused(dy, x, mean, inv, w, b, relu, training, block, zero, cells, 
         tr = _cast(cell, 2, tc - shift * ac)
         acc_g = 0.0
         acc_gx = 0.0
+        acc_d = 0.0
         for o in range(outer):
             for b0 in range(0, inner, block):
                 b1 = min(b0 + block, inner)
-                if relu:
-                    _prefetch_ahead(dy, o, c, b0, block, _LEAD)
-                sg, sgx = _chunk_sums(dy[o, c, b0:b1], x[o, c, b0:b1], mr, ar, tr, relu, zero)
+                sg, sgx, sd = _chunk_sums(dy[o, c, b0:b1], x[o, c, b0:b1], mr, ar, tr, relu,
+                                          zero)
                 acc_g += sg
                 acc_gx += sgx
+                acc_d += sd
         acc_gx -= shift * acc_g
         db_out[c] = acc_g
         dw_out[c] = acc_gx * invc
@@ -762,12 +764,8 @@ def _backward_fused(dy, x, mean, inv, w, b, relu, training, block, zero, cells, 
         br = _cast(cell, 3, bc)
         dr_ = _cast(cell, 4, dc - shift * bc)
         for o in range(outer):
-            xr = x[o, c]
-            gr = dy[o, c]
-            dxr = dx[o, c]
-            for i in range(inner):
-                g = _gate(gr[i], xr[i], mr, ar, tr, relu, zero)
-                dxr[i] = g * ar + (xr[i] - mr) * br + dr_
+            acc_d += _apply_run(dy[o, c], x[o, c], dx[o, c], mr, ar, tr, relu, br, dr_, zero)
+        sink[c] = acc_d  # the sink: see _gate
 
 
 @njit(inline="always")
@@ -802,7 +800,7 @@ def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y,
 
 @_Kernel
 def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, zero, ahead,
-                   gate_ahead, coef, psum, pdot, dx, db, dw):
+                   coef, psum, pdot, sink, dx, db, dw):
     """Channels-last backward in one call: per-task sums, their merge and
     the coefficients, then dx over the same row blocks by the same tasks.
     Writes ``db = sum(g)`` and ``dw = sum(g * x_hat)``."""
@@ -811,8 +809,8 @@ def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, z
         mc, invc, ac, tc = _backward_vectors(mean, inv, w, b, c)
         _coefficients_in_dtype(coef, c, mc, ac, tc)
     for s in prange(nsplit):
-        _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
-                   relu, block_rows, zero, psum[s], pdot[s], ahead, gate_ahead)
+        sink[s] = _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1],
+                             coef[2], relu, block_rows, zero, psum[s], pdot[s], ahead)
     for c in range(C):
         db[c] = 0.0
         dw[c] = 0.0  # sum(g * (x - m_rounded)) until the loop after the next
@@ -834,8 +832,9 @@ def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, z
         coef[3, c] = bc
         coef[4, c] = dc - shift * bc
     for s in prange(nsplit):
-        _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1],
-                         coef[2], relu, coef[3], coef[4], dx, ahead, gate_ahead)
+        sink[s] += _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0],
+                                    coef[1], coef[2], relu, coef[3], coef[4], dx, ahead,
+                                    zero)
 
 
 @njit(cache=True, error_model="numpy")  # no fastmath: as _reference.update_running
@@ -934,26 +933,9 @@ def _ahead(x3) -> int:
     0 also selects the four-row ReLU sums of :func:`_rows_sums`), where the
     prefetch instructions only cost (the statistics of (8192, 64) took 1.35x
     as long with them; measured)."""
-    return _rows_ahead(x3, _config.CPU_ROWS_STREAM_AHEAD_BYTES, _config.CPU_CACHE_BYTES)
-
-
-def _gate_ahead(x3) -> int:
-    """Rows of ``dy`` the ReLU-gated rows kernels prefetch ahead: about
-    ``_config.CPU_ROWS_PREFETCH_BYTES``, or 0 when x and dy together are
-    under ``_config.CPU_GATE_PREFETCH_MIN_BYTES`` (L2-sized, where the
-    prefetches only cost: ReLU backward of (8192, 64) 0.86 of the time
-    without them, of (8, 28, 28, 256) 1.06; measured). The gated load of
-    ``dy`` waits on x's (see :func:`_prefetch_ahead`), so from L3 or memory
-    it needs the prefetch that the plain loads do not."""
-    return _rows_ahead(x3, _config.CPU_ROWS_PREFETCH_BYTES, _config.CPU_GATE_PREFETCH_MIN_BYTES)
-
-
-def _rows_ahead(x3, ahead_bytes: int, min_input_bytes: int) -> int:
-    """Rows of a channels-last ``x3`` in ``ahead_bytes`` (at least one), or 0
-    when ``x3`` and ``dy`` together take at most ``min_input_bytes``."""
-    if 2 * x3.nbytes <= min_input_bytes:
+    if 2 * x3.nbytes <= _config.CPU_CACHE_BYTES:
         return 0
-    return max(1, ahead_bytes // max(1, x3.shape[1] * x3.itemsize))
+    return max(1, _config.CPU_ROWS_STREAM_AHEAD_BYTES // max(1, x3.shape[1] * x3.itemsize))
 
 
 def _block_rows(C: int) -> int:
@@ -1071,12 +1053,12 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
         nsplit = _per_channel(x3)
         psum, pdot = np.empty((C, nsplit)), np.empty((C, nsplit))
         _sums_channel_major.on(x3.size)(dy3, x3, mx, a, t, relu, nsplit, _config.CPU_BLOCK,
-                                        _zero(x3), psum, pdot)
+                                        _zero(x3), psum, pdot, np.empty(C * nsplit))
     else:
         nsplit = _tasks(x3.size, outer)
         psum, pdot = np.empty((nsplit, C)), np.empty((nsplit, C))
         _sums_rows.on(x3.size)(dy3[:, :, 0], x2, mx, a, t, relu, nsplit, _block_rows(C),
-                               _zero(x3), psum, pdot, _ahead(x3), _gate_ahead(x3))
+                               _zero(x3), psum, pdot, _ahead(x3), np.empty(nsplit))
         psum, pdot = psum.T, pdot.T  # (C, nsplit), as the channel-major partials
     sum_g = psum.sum(axis=1)
     return sum_g, pdot.sum(axis=1) - (m - mx.astype(np.float64)) * sum_g
@@ -1091,10 +1073,13 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
     m, a, t, b, d = _in_dtype(x3.dtype, m, a, t, b, d)
     x2 = _rows(x3)
     if x2 is None:
-        _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, target, _isplit(x3))
+        isplit = _isplit(x3)
+        _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, target, isplit,
+                                         np.empty(x3.shape[0] * x3.shape[1] * isplit))
     else:
-        _apply_rows.on(x3.size)(dy3[:, :, 0], x2, m, a, t, relu, b, d, target[:, :, 0],
-                                _tasks(x3.size, x2.shape[0]), _ahead(x3), _gate_ahead(x3))
+        nsplit = _tasks(x3.size, x2.shape[0])
+        _apply_rows.on(x3.size)(dy3[:, :, 0], x2, m, a, t, relu, b, d, target[:, :, 0], nsplit,
+                                _ahead(x3), _zero(x3), np.empty(nsplit))
     if target is not dx3:
         dx3[...] = target
 
@@ -1172,9 +1157,10 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
         nsplit = _tasks(x3.size, outer)
         _backward_rows.on(x3.size)(
             dy3[:, :, 0], x3[:, :, 0], mean, inv, w, b, relu, training, nsplit, _block_rows(C),
-            _zero(x3), _ahead(x3), _gate_ahead(x3), np.empty((5, C), x3.dtype),
-            np.empty((nsplit, C)), np.empty((nsplit, C)), dx3[:, :, 0], db, dw)
+            _zero(x3), _ahead(x3), np.empty((5, C), x3.dtype),
+            np.empty((nsplit, C)), np.empty((nsplit, C)), np.empty(nsplit), dx3[:, :, 0], db, dw)
     else:
         _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK,
-                                    _zero(x3), np.empty((C, 5), x3.dtype), dx3, db, dw)
+                                    _zero(x3), np.empty((C, 5), x3.dtype), np.empty(C), dx3,
+                                    db, dw)
     return dw, db
