@@ -1,6 +1,6 @@
 """What the fused ReLU saves: fused vs plain BatchNorm vs BatchNorm-then-ReLU.
 
-Run ``python benchmarks/fused_saving.py [--runs N] [--seconds S]``. For each of
+Run ``python benchmarks/fused_saving.py [--runs N] [--seconds S] [--cold]``. For each of
 the seven standard CPU float32 shapes it times, interleaved in one process
 (the three variants take turns, so drift in clock speed or memory state hits
 them alike), the training forward and the backward of
@@ -11,7 +11,11 @@ them alike), the training forward and the backward of
   ReLU's mask applied to ``dy`` as its own pass, into preallocated buffers),
 
 and prints the medians, the ratios to plain BatchNorm, and the ratio of the
-fastest runs (less sensitive to other work on the machine). The target is fused
+fastest runs (less sensitive to other work on the machine). With ``--cold``
+every call starts with its inputs out of the caches (a 64 MiB buffer is
+rewritten before it, outside the timing), as in a network whose BatchNorm
+input was written long before its backward; without it the small shapes run
+from cache, round after round. The target is fused
 forward-train and backward within 10% of plain BatchNorm's time. Every result
 is checked against the float64 reference on a slice before timing.
 """
@@ -90,10 +94,12 @@ class Case:
                     raise AssertionError(f"{variant} {what} is off the reference by {err:.2g}")
 
 
-def measure(case, runs, seconds):
+def measure(case, runs, seconds, cold=False):
     """Seconds per call, ``{(pass, variant): (median, min)}``, and the rounds run;
-    the variants take turns inside every round, in a rotating order."""
+    the variants take turns inside every round, in a rotating order; ``cold``:
+    the caches are flushed before each call."""
     times = {(p, v): [] for p in ("forward", "backward") for v in VARIANTS}
+    flush = np.zeros(64 * 2**20 // 8) if cold else None
     for v in VARIANTS:  # warm the JIT and the buffers
         case.forward(v)
         case.backward(v)
@@ -104,6 +110,8 @@ def measure(case, runs, seconds):
         for p in ("forward", "backward"):
             for v in order:
                 fn = case.forward if p == "forward" else case.backward
+                if cold:
+                    flush += 1.0
                 t0 = time.perf_counter()
                 fn(v)
                 times[p, v].append(time.perf_counter() - t0)
@@ -116,10 +124,13 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=30, help="fewest rounds per shape")
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="keep going (up to 20x runs) until this long per shape")
+    parser.add_argument("--cold", action="store_true",
+                        help="flush the caches before every timed call")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     print(f"numbn {numbn.__version__}, numba {numba.__version__}, "
-          f"{numba.get_num_threads()} threads, float32, medians (ms); "
+          f"{numba.get_num_threads()} threads, float32, {'cold' if args.cold else 'hot'} "
+          f"caches, medians (ms); "
           f"load average {os.getloadavg()[0]:.2f} at start (other work skews the timings)")
     header = (f"{'shape':<24}{'pass':<9}{'plain':>8}{'fused':>8}{'bn+relu':>9}"
               f"{'fused/plain':>13}{'bn+relu/plain':>15}{'(min) fused/plain':>19}"
@@ -130,7 +141,7 @@ def main(argv=None):
     for layout, shape, axis in SHAPES:
         case = Case(shape, axis, rng)
         case.check()
-        med, rounds = measure(case, args.runs, args.seconds)
+        med, rounds = measure(case, args.runs, args.seconds, args.cold)
         for p in ("forward", "backward"):
             plain, fused, then = (med[p, v][0] * 1e3 for v in VARIANTS)
             fastest = med[p, "fused"][1] / med[p, "plain"][1]
