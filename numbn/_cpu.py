@@ -361,6 +361,14 @@ def _gate(g, xv, m, a, t, relu, zero):
     return g if keep else zero
 
 
+@njit(inline="always")
+def _gate_sunk(u, sd, xv, m, a, t, relu, zero):
+    """:func:`_gate` of ``u``, and the sink ``sd`` with ``u`` added under the ReLU."""
+    if relu:
+        sd += u
+    return _gate(u, xv, m, a, t, relu, zero), sd
+
+
 @intrinsic
 def _prefetch(typingctx, arr, idx):
     """Hint the cache to fetch the line holding ``arr[idx]`` (1-D ``arr``):
@@ -409,10 +417,7 @@ def _chunk_sums(gr, xr, m, a, t, relu, zero):
     sgx = zero
     sd = zero
     for i in range(xr.shape[0]):
-        d = gr[i]
-        if relu:
-            sd += d
-        g = _gate(d, xr[i], m, a, t, relu, zero)
+        g, sd = _gate_sunk(gr[i], sd, xr[i], m, a, t, relu, zero)
         sg += g
         sgx += g * (xr[i] - m)
     return np.float64(sg), np.float64(sgx), np.float64(sd)
@@ -424,10 +429,7 @@ def _apply_run(gr, xr, dr, m, a, t, relu, b, d, zero):
     ReLU, ``sum(dy)`` (else 0) for the caller's sink (:func:`_gate`)."""
     sd = zero
     for i in range(xr.shape[0]):
-        u = gr[i]
-        if relu:
-            sd += u
-        g = _gate(u, xr[i], m, a, t, relu, zero)
+        g, sd = _gate_sunk(gr[i], sd, xr[i], m, a, t, relu, zero)
         dr[i] = g * a + (xr[i] - m) * b + d
     return np.float64(sd)
 
@@ -612,11 +614,9 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
             # sums were 2.5x slower from memory (measured).
             if relu:
                 for c in range(C):
-                    u = gr[c]
-                    g = _gate(u, xr[c], m[c], a[c], t[c], True, zero)
+                    g, sd[c] = _gate_sunk(gr[c], sd[c], xr[c], m[c], a[c], t[c], True, zero)
                     sg[c] += g
                     sgx[c] += g * (xr[c] - m[c])
-                    sd[c] += u
             else:
                 _prefetch_rows(x, o + ahead, 1 if ahead else 0)
                 _prefetch_rows(dy, o + ahead, 1 if ahead else 0)
@@ -668,6 +668,8 @@ def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead, zero):
         dr = dx[o]
         if relu:  # two loops, as in _rows_sums
             for c in range(x.shape[1]):
+                # Written out: through _gate_sunk, LLVM contracted dx's
+                # arithmetic differently (float16 dx off by 1 ulp in a few places).
                 u = gr[c]
                 sd += u
                 g = _gate(u, xr[c], m[c], a[c], t[c], True, zero)
@@ -1015,8 +1017,6 @@ def infer_ready(x3, mean, var, w, b, eps, relu, y3) -> None:
     the four vectors as :func:`_kernel_vectors` takes them unchanged."""
     _launch_elementwise(_infer_channel_major, _infer_rows, x3, y3, mean, var, w, b, float(eps),
                         relu)
-
-
 
 
 def _affine(w, b, C: int, like):
