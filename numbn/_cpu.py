@@ -34,8 +34,12 @@ twice float64's SIMD width; this machine's kernels are compute-bound), with
 float64 wherever precision is at stake: chunk sums go to float64 every
 ``_config.CPU_BLOCK`` elements, and per-channel coefficients are prepared in
 float64 on the host, the mean's rounding to float32 folded into the shift
-(``_in_dtype``). NumPy has no float16 in Numba, so float16 input is converted
-to float32 around the kernels.
+(``_in_dtype``). Numba has no float16 on the CPU, so float16 arrays reach the
+kernels as their bits (uint16 views, ``_bits``): every element is widened to
+float32 as it is loaded (``_ld``) and every result rounded to float16 as it is
+stored (``_st``), both vectorised (``vcvtph2ps``, ``vcvtps2ph``), with no
+float32 copy of anything the size of x. In the docstrings below, "x's dtype"
+means this arithmetic dtype: float32 for float16 x.
 
 ``fastmath`` is limited to ``reassoc`` and ``contract``: reassociation lets
 LLVM vectorise the reductions (a different summation order, as accurate), and
@@ -88,6 +92,43 @@ class _Kernel:
 # and stops LLVM from vectorising it (4-6x slower, measured).
 
 
+def _is_half(ty) -> bool:
+    """Numba type of a float16 element: the kernels see float16 arrays as uint16."""
+    return isinstance(ty, numba.types.Integer) and ty.bitwidth == 16
+
+
+@intrinsic
+def _ld(typingctx, v):
+    """An element of x, dy or y in the arithmetic dtype: float32 and float64
+    as they are; float16 (its bits, a uint16: Numba has no float16 on the
+    CPU) widened to float32, exactly. LLVM vectorises the widening
+    (``vcvtph2ps``)."""
+    if _is_half(v):
+        def widen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return numba.types.float32(v), widen
+    if isinstance(v, numba.types.Float):
+        return v(v), lambda context, builder, signature, args: args[0]
+    return None
+
+
+@intrinsic
+def _st(typingctx, arr, v):
+    """``v`` as an element of ``arr``: rounded to nearest, ties to even, as
+    NumPy's ``astype``; for a float16 ``arr`` (seen as uint16), the float16
+    bits (``vcvtps2ph``)."""
+    dtype = arr.dtype
+    if _is_half(dtype):
+        def narrow(context, builder, signature, args):
+            half = builder.fptrunc(args[1], ir.HalfType())
+            return builder.bitcast(half, ir.IntType(16))
+        return dtype(arr, v), narrow
+
+    def cast(context, builder, signature, args):
+        return context.cast(builder, args[1], signature.args[1], dtype)
+    return dtype(arr, v), cast
+
+
 @njit(inline="always")
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Merge two (count, mean, M2) summaries (Chan, Golub and LeVeque)."""
@@ -106,7 +147,7 @@ def _shifted_chunk(xr, sh, zero):
     d1 = zero
     d2 = zero
     for i in range(xr.shape[0]):
-        d = xr[i] - sh
+        d = _ld(xr[i]) - sh
         d1 += d
         d2 += d * d
     return np.float64(d1), np.float64(d2)
@@ -143,7 +184,7 @@ def _chunk_moments(xr, zero, shift_cell, shifted):
     if redo:
         acc = zero
         for i in range(n):
-            acc += xr[i]
+            acc += _ld(xr[i])
         shift_cell[0] = np.float64(acc) / n
         d1, d2 = _shifted_chunk(xr, shift_cell[0], zero)
     mean_dev = d1 / nb
@@ -187,11 +228,11 @@ def _rows_block_sum(x, r0, r1, zero, bs, ahead):
         _prefetch_rows(x, o + ahead, 4 if ahead else 0)
         x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
         for c in range(x.shape[1]):
-            bs[c] += (x0[c] + x1[c]) + (x2[c] + x3[c])
+            bs[c] += (_ld(x0[c]) + _ld(x1[c])) + (_ld(x2[c]) + _ld(x3[c]))
     for o in range(r4, r1):
         xr = x[o]
         for c in range(x.shape[1]):
-            bs[c] += xr[c]
+            bs[c] += _ld(xr[c])
 
 
 @njit(inline="always")
@@ -207,13 +248,14 @@ def _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2, ahead):
         x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
         for c in range(x.shape[1]):
             s = sh[c]
-            e0, e1, e2, e3 = x0[c] - s, x1[c] - s, x2[c] - s, x3[c] - s
+            e0, e1 = _ld(x0[c]) - s, _ld(x1[c]) - s
+            e2, e3 = _ld(x2[c]) - s, _ld(x3[c]) - s
             d1[c] += (e0 + e1) + (e2 + e3)
             d2[c] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
     for o in range(r4, r1):
         xr = x[o]
         for c in range(x.shape[1]):
-            d = xr[c] - sh[c]
+            d = _ld(xr[c]) - sh[c]
             d1[c] += d
             d2[c] += d * d
 
@@ -245,7 +287,7 @@ def _rows_moments(x, o0, o1, block_rows, zero, pmean, pm2, ahead):
     # Accumulators allocated here, not passed in: LLVM then knows they alias
     # no input row (with a caller's scratch the statistics of a 25 MB NHWC
     # input were ~25% slower, measured).
-    acc = np.empty((4, C), x.dtype)
+    acc = np.full((4, C), zero)  # in the arithmetic dtype (float32 for float16 x)
     bs = acc[0]
     sh = acc[1]
     d1 = acc[2]
@@ -337,10 +379,10 @@ def _affine_run(xr, yr, m, a, t, relu, zero):
     """
     if relu:
         for i in range(xr.shape[0]):
-            yr[i] = _relu_bn(xr[i], m, a, t, zero)
+            yr[i] = _st(yr, _relu_bn(_ld(xr[i]), m, a, t, zero))
     else:
         for i in range(xr.shape[0]):
-            yr[i] = (xr[i] - m) * a + t
+            yr[i] = _st(yr, (_ld(xr[i]) - m) * a + t)
 
 
 @njit(inline="always")
@@ -417,9 +459,9 @@ def _chunk_sums(gr, xr, m, a, t, relu, zero):
     sgx = zero
     sd = zero
     for i in range(xr.shape[0]):
-        g, sd = _gate_sunk(gr[i], sd, xr[i], m, a, t, relu, zero)
+        g, sd = _gate_sunk(_ld(gr[i]), sd, _ld(xr[i]), m, a, t, relu, zero)
         sg += g
-        sgx += g * (xr[i] - m)
+        sgx += g * (_ld(xr[i]) - m)
     return np.float64(sg), np.float64(sgx), np.float64(sd)
 
 
@@ -429,8 +471,8 @@ def _apply_run(gr, xr, dr, m, a, t, relu, b, d, zero):
     ReLU, ``sum(dy)`` (else 0) for the caller's sink (:func:`_gate`)."""
     sd = zero
     for i in range(xr.shape[0]):
-        g, sd = _gate_sunk(gr[i], sd, xr[i], m, a, t, relu, zero)
-        dr[i] = g * a + (xr[i] - m) * b + d
+        g, sd = _gate_sunk(_ld(gr[i]), sd, _ld(xr[i]), m, a, t, relu, zero)
+        dr[i] = _st(dr, g * a + (_ld(xr[i]) - m) * b + d)
     return np.float64(sd)
 
 
@@ -454,20 +496,21 @@ def _affine_task(x, task, isplit, coef, relu, zero, y):
 
 
 @njit(inline="always")
-def _scale_coefficients(x, m, a, t):
-    """``(3, C)`` coefficients m, a, t in x's dtype (:func:`_coefficients_in_dtype`)
-    from float64-convertible vectors."""
-    coef = np.empty((3, x.shape[1]), x.dtype)
-    for c in range(x.shape[1]):
+def _scale_coefficients(zero, m, a, t):
+    """``(3, C)`` coefficients m, a, t in the kernels' arithmetic dtype, that
+    of ``zero`` (:func:`_coefficients_in_dtype`), from float64-convertible
+    vectors."""
+    coef = np.full((3, m.shape[0]), zero)
+    for c in range(m.shape[0]):
         _coefficients_in_dtype(coef, c, np.float64(m[c]), np.float64(a[c]), np.float64(t[c]))
     return coef
 
 
 @njit(inline="always")
-def _eval_coefficients(x, mean, var, w, b, eps):
+def _eval_coefficients(zero, mean, var, w, b, eps):
     """As :func:`_scale_coefficients` with ``a = w / sqrt(var + eps)`` in float64."""
-    coef = np.empty((3, x.shape[1]), x.dtype)
-    for c in range(x.shape[1]):
+    coef = np.full((3, mean.shape[0]), zero)
+    for c in range(mean.shape[0]):
         a = np.float64(w[c]) / np.sqrt(np.float64(var[c]) + eps)
         _coefficients_in_dtype(coef, c, np.float64(mean[c]), a, np.float64(b[c]))
     return coef
@@ -475,7 +518,7 @@ def _eval_coefficients(x, mean, var, w, b, eps):
 
 @_Kernel
 def _affine_channel_major(x, m, a, t, relu, zero, y, isplit):
-    coef = _scale_coefficients(x, m, a, t)
+    coef = _scale_coefficients(zero, m, a, t)
     for task in prange(x.shape[0] * x.shape[1] * isplit):
         _affine_task(x, task, isplit, coef, relu, zero, y)
 
@@ -485,7 +528,7 @@ def _infer_channel_major(x, mean, var, w, b, eps, relu, zero, y, isplit):
     """Inference forward: the coefficients from the running statistics here,
     not on the host (a few microseconds of NumPy calls per call, which is
     most of the Python cost of a small eval)."""
-    coef = _eval_coefficients(x, mean, var, w, b, eps)
+    coef = _eval_coefficients(zero, mean, var, w, b, eps)
     for task in prange(x.shape[0] * x.shape[1] * isplit):
         _affine_task(x, task, isplit, coef, relu, zero, y)
 
@@ -500,15 +543,15 @@ def _affine_row_range(x, o0, o1, m, a, t, relu, zero, y, ahead):
         yr = y[o]
         if relu:
             for c in range(x.shape[1]):
-                yr[c] = _relu_bn(xr[c], m[c], a[c], t[c], zero)
+                yr[c] = _st(yr, _relu_bn(_ld(xr[c]), m[c], a[c], t[c], zero))
         else:
             for c in range(x.shape[1]):
-                yr[c] = (xr[c] - m[c]) * a[c] + t[c]
+                yr[c] = _st(yr, (_ld(xr[c]) - m[c]) * a[c] + t[c])
 
 
 @_Kernel
 def _affine_rows(x, m, a, t, relu, zero, y, nsplit, ahead):
-    coef = _scale_coefficients(x, m, a, t)
+    coef = _scale_coefficients(zero, m, a, t)
     R = x.shape[0]
     for s in prange(nsplit):
         _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
@@ -518,7 +561,7 @@ def _affine_rows(x, m, a, t, relu, zero, y, nsplit, ahead):
 @_Kernel
 def _infer_rows(x, mean, var, w, b, eps, relu, zero, y, nsplit, ahead):
     """Channels-last inference forward (see :func:`_infer_channel_major`)."""
-    coef = _eval_coefficients(x, mean, var, w, b, eps)
+    coef = _eval_coefficients(zero, mean, var, w, b, eps)
     R = x.shape[0]
     for s in prange(nsplit):
         _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
@@ -567,12 +610,13 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx, sd):
         g0, g1, g2, g3 = dy[o], dy[o + 1], dy[o + 2], dy[o + 3]
         for c in range(x.shape[1]):
             mc, ac, tc = m[c], a[c], t[c]
-            e0, e1, e2, e3 = x0[c] - mc, x1[c] - mc, x2[c] - mc, x3[c] - mc
-            u0, u1, u2, u3 = g0[c], g1[c], g2[c], g3[c]
-            h0 = _gate(u0, x0[c], mc, ac, tc, True, zero)
-            h1 = _gate(u1, x1[c], mc, ac, tc, True, zero)
-            h2 = _gate(u2, x2[c], mc, ac, tc, True, zero)
-            h3 = _gate(u3, x3[c], mc, ac, tc, True, zero)
+            v0, v1, v2, v3 = _ld(x0[c]), _ld(x1[c]), _ld(x2[c]), _ld(x3[c])
+            e0, e1, e2, e3 = v0 - mc, v1 - mc, v2 - mc, v3 - mc
+            u0, u1, u2, u3 = _ld(g0[c]), _ld(g1[c]), _ld(g2[c]), _ld(g3[c])
+            h0 = _gate(u0, v0, mc, ac, tc, True, zero)
+            h1 = _gate(u1, v1, mc, ac, tc, True, zero)
+            h2 = _gate(u2, v2, mc, ac, tc, True, zero)
+            h3 = _gate(u3, v3, mc, ac, tc, True, zero)
             sg[c] += (h0 + h1) + (h2 + h3)
             sgx[c] += (h0 * e0 + h1 * e1) + (h2 * e2 + h3 * e3)
             sd[c] += (u0 + u1) + (u2 + u3)
@@ -590,7 +634,7 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
     under the ReLU, the sum of ``dy`` (else 0), for the caller's sink
     (:func:`_gate`)."""
     C = x.shape[1]
-    acc = np.empty((3, C), x.dtype)  # not the caller's: see _rows_moments
+    acc = np.full((3, C), zero)  # not the caller's: see _rows_moments
     sg = acc[0]
     sgx = acc[1]
     sd = acc[2]
@@ -614,16 +658,17 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
             # sums were 2.5x slower from memory (measured).
             if relu:
                 for c in range(C):
-                    g, sd[c] = _gate_sunk(gr[c], sd[c], xr[c], m[c], a[c], t[c], True, zero)
+                    xv = _ld(xr[c])
+                    g, sd[c] = _gate_sunk(_ld(gr[c]), sd[c], xv, m[c], a[c], t[c], True, zero)
                     sg[c] += g
-                    sgx[c] += g * (xr[c] - m[c])
+                    sgx[c] += g * (xv - m[c])
             else:
                 _prefetch_rows(x, o + ahead, 1 if ahead else 0)
                 _prefetch_rows(dy, o + ahead, 1 if ahead else 0)
                 for c in range(C):
-                    g = gr[c]
+                    g = _ld(gr[c])
                     sg[c] += g
-                    sgx[c] += g * (xr[c] - m[c])
+                    sgx[c] += g * (_ld(xr[c]) - m[c])
         for c in range(C):
             psum[c] += np.float64(sg[c])
             pdot[c] += np.float64(sgx[c])
@@ -670,15 +715,15 @@ def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead, zero):
             for c in range(x.shape[1]):
                 # Written out: through _gate_sunk, LLVM contracted dx's
                 # arithmetic differently (float16 dx off by 1 ulp in a few places).
-                u = gr[c]
+                u = _ld(gr[c])
                 sd += u
-                g = _gate(u, xr[c], m[c], a[c], t[c], True, zero)
-                dr[c] = g * a[c] + (xr[c] - m[c]) * b[c] + d[c]
+                g = _gate(u, _ld(xr[c]), m[c], a[c], t[c], True, zero)
+                dr[c] = _st(dr, g * a[c] + (_ld(xr[c]) - m[c]) * b[c] + d[c])
         else:
             _prefetch_rows(x, o + ahead, 1 if ahead else 0)
             _prefetch_rows(dy, o + ahead, 1 if ahead else 0)
             for c in range(x.shape[1]):
-                dr[c] = gr[c] * a[c] + (xr[c] - m[c]) * b[c] + d[c]
+                dr[c] = _st(dr, _ld(gr[c]) * a[c] + (_ld(xr[c]) - m[c]) * b[c] + d[c])
     return np.float64(sd)
 
 
@@ -794,7 +839,7 @@ def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y,
         pn[s] = _rows_moments(x, s * R // nsplit, (s + 1) * R // nsplit, block_rows, zero,
                               pmean[s], pm2[s], ahead)
     _merge_partials(pn, pmean, pm2, mean, var)
-    coef = _eval_coefficients(x, mean, var, w, b, eps)
+    coef = _eval_coefficients(zero, mean, var, w, b, eps)
     for s in prange(nsplit):
         _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
                           relu, zero, y, ahead)
@@ -894,26 +939,37 @@ def _per_channel(x3) -> int:
     return int(min(max(1, -(-tasks // max(C, 1))), max(outer * inner, 1)))
 
 
-def _f32(a):
-    """Numba has no float16: float16 arrays go through float32."""
-    return a.astype(np.float32) if a.dtype == np.float16 else a
+def _bits(a):
+    """``a`` as the kernels take it: float16 as its bits, a uint16 view (Numba
+    has no float16 on the CPU; the kernels widen each element as they load it,
+    :func:`_ld`, and narrow each result as they store it, :func:`_st`), so
+    float16 costs no float32 copy of x, dy or the output; float32 and
+    float64 as they are."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
-_ZEROS = {4: np.float32(0), 8: np.float64(0)}
+_ZEROS = {2: np.float32(0), 4: np.float32(0), 8: np.float64(0)}
 
 
 def _zero(x3):
-    """0 in the dtype of ``x3`` (float32 or float64, after :func:`_f32`), from
-    a table by item size: constructing it took 4 us per call with cold caches."""
+    """0 in the kernels' arithmetic dtype for ``x3`` (float32 for float16 and
+    float32, float64 for float64), from a table by item size: constructing it
+    took 4 us per call with cold caches."""
     return _ZEROS[x3.itemsize]
+
+
+def _arith(x3) -> np.dtype:
+    """The kernels' arithmetic dtype for ``x3`` (:func:`_zero`'s)."""
+    return _ZEROS[x3.itemsize].dtype
 
 
 def _in_dtype(dtype, m, a, t, *more):
     """The per-channel coefficients in the kernels' arithmetic dtype.
 
-    The kernels compute ``(x - m) * a + t`` in x's dtype (float32 for float32
-    input: twice the SIMD width). ``m`` is rounded to that dtype, and ``t`` (and
-    the backward's ``d``) absorb the rounding, ``t - (m - m_rounded) * a``:
+    The kernels compute ``(x - m) * a + t`` in ``dtype`` (:func:`_arith`:
+    float32 for float16 and float32 input, twice float64's SIMD width). ``m``
+    is rounded to that dtype, and ``t`` (and the backward's ``d``) absorb the
+    rounding, ``t - (m - m_rounded) * a``:
     ``x - m_rounded`` is exact for x near the mean (Sterbenz), so a mean of 1e4
     with a standard deviation of 1e-2 still normalises to float32 accuracy
     (tests/test_numerics.py), and ``x == m`` still gives exactly ``t`` at the
@@ -946,7 +1002,7 @@ def _block_rows(C: int) -> int:
 
 def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance (float64) of ``x3``."""
-    x3 = _f32(x3)
+    x3 = _bits(x3)
     outer, C, inner = x3.shape
     if x3.size == 0:  # an empty batch (a SyncBatchNorm rank's): count 0
         return np.zeros(C), np.full(C, np.nan)
@@ -954,7 +1010,7 @@ def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nsplit = _per_channel(x3) if x2 is None else _tasks(x3.size, outer)
     pn, pmean, pm2 = np.empty(nsplit), np.empty((nsplit, C)), np.empty((nsplit, C))
     if x2 is None:
-        cells = np.empty(C * nsplit, x3.dtype)
+        cells = np.empty(C * nsplit, _arith(x3))
         _stats_channel_major.on(x3.size)(x3, nsplit, _config.CPU_BLOCK, _zero(x3), cells,
                                          pn, pmean, pm2)
     else:
@@ -965,11 +1021,6 @@ def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, var
 
 
-def _writer(out3):
-    """Where a kernel writes ``out3``: itself, or a float32 buffer for float16."""
-    return np.empty(out3.shape, np.float32) if out3.dtype == np.float16 else out3
-
-
 def _isplit(x3) -> int:
     outer, C, inner = x3.shape
     return max(1, _tasks(x3.size, inner) // max(outer * C, 1))
@@ -977,19 +1028,17 @@ def _isplit(x3) -> int:
 
 def _elementwise(channel_major, rows, x3, y3, *args) -> None:
     """Run the forward's elementwise kernel pair on ``x3`` into ``y3``:
-    :func:`_launch_elementwise`, float16 through float32 buffers."""
+    :func:`_launch_elementwise`, float16 as its bits (:func:`_bits`)."""
     if x3.size == 0:
         return
-    x3, target = _f32(x3), _writer(y3)
-    _launch_elementwise(channel_major, rows, x3, target, *args)
-    if target is not y3:
-        y3[...] = target
+    _launch_elementwise(channel_major, rows, _bits(x3), _bits(y3), *args)
 
 
 def _launch_elementwise(channel_major, rows, x3, y3, *args) -> None:
-    """``kernel(x, *args, zero, y, split)`` on a non-empty float32 or float64
-    ``x3`` into ``y3`` of its dtype; the rows kernel, for channels-last
-    input, with ``ahead`` (:func:`_ahead`) after ``split``."""
+    """``kernel(x, *args, zero, y, split)`` on a non-empty ``x3`` (float32,
+    float64 or float16's bits, :func:`_bits`) into ``y3`` of its dtype; the
+    rows kernel, for channels-last input, with ``ahead`` (:func:`_ahead`)
+    after ``split``."""
     if x3.shape[2] > 1:
         channel_major.on(x3.size)(x3, *args, _zero(x3), y3, _isplit(x3))
     else:
@@ -1040,14 +1089,14 @@ def _kernel_vectors(*vs):
 def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel ``sum(g)`` and ``sum(g * (x - m))`` (float64), where ``g`` is
     ``dy`` masked by the fused ReLU when ``relu`` (its input ``(x - m) * a + t``)."""
-    dy3, x3 = _f32(dy3), _f32(x3)
+    dy3, x3 = _bits(dy3), _bits(x3)
     outer, C, inner = x3.shape
     if x3.size == 0:
         return np.zeros(C), np.zeros(C)
     # The kernels subtract m rounded to x's dtype (so float32 input keeps
     # float32 SIMD); sum(g * (x - m)) is corrected for that rounding below.
     # The ReLU gate uses the forward's own coefficients, so the masks agree.
-    mx, a, t = _in_dtype(x3.dtype, m, a, t)
+    mx, a, t = _in_dtype(_arith(x3), m, a, t)
     x2 = _rows(x3)
     if x2 is None:
         nsplit = _per_channel(x3)
@@ -1069,19 +1118,17 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
     :func:`backward_sums`."""
     if x3.size == 0:
         return
-    dy3, x3, target = _f32(dy3), _f32(x3), _writer(dx3)
-    m, a, t, b, d = _in_dtype(x3.dtype, m, a, t, b, d)
+    dy3, x3, dx3 = _bits(dy3), _bits(x3), _bits(dx3)
+    m, a, t, b, d = _in_dtype(_arith(x3), m, a, t, b, d)
     x2 = _rows(x3)
     if x2 is None:
         isplit = _isplit(x3)
-        _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, target, isplit,
+        _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, dx3, isplit,
                                          np.empty(x3.shape[0] * x3.shape[1] * isplit))
     else:
         nsplit = _tasks(x3.size, x2.shape[0])
-        _apply_rows.on(x3.size)(dy3[:, :, 0], x2, m, a, t, relu, b, d, target[:, :, 0], nsplit,
+        _apply_rows.on(x3.size)(dy3[:, :, 0], x2, m, a, t, relu, b, d, dx3[:, :, 0], nsplit,
                                 _ahead(x3), _zero(x3), np.empty(nsplit))
-    if target is not dx3:
-        dx3[...] = target
 
 
 def _fusable(x3) -> bool:
@@ -1101,7 +1148,7 @@ def train_fused(x3, w, b, eps, relu, y3):
     Channels-last input takes the rows kernel (statistics and normalisation
     of each task's rows by the same task); channel-major input whose channel
     slabs fit in a core's cache takes one task per channel."""
-    x3 = _f32(x3)
+    x3, y3 = _bits(x3), _bits(y3)
     if y3.dtype != x3.dtype or x3.size == 0:
         return None
     w, b = _kernel_vectors(*_affine(w, b, x3.shape[1], w if w is not None else b))
@@ -1110,8 +1157,9 @@ def train_fused(x3, w, b, eps, relu, y3):
 
 def train_ready(x3, w, b, eps, relu, y3):
     """:func:`train_fused` for a caller that has checked what it would
-    convert: ``x3`` float32 or float64 and not empty, ``y3`` of its dtype,
-    ``w`` and ``b`` as :func:`_kernel_vectors` takes them unchanged."""
+    convert: ``x3`` float32, float64 or float16's bits (:func:`_bits`) and
+    not empty, ``y3`` of its dtype, ``w`` and ``b`` as
+    :func:`_kernel_vectors` takes them unchanged."""
     outer, C, inner = x3.shape
     if inner > 1 and not _fusable(x3):
         return None
@@ -1124,7 +1172,7 @@ def train_ready(x3, w, b, eps, relu, y3):
             mean, var, _ahead(x3))
     else:
         _train_fused.on(x3.size)(x3, w, b, float(eps), relu, _config.CPU_BLOCK, _zero(x3),
-                                 np.empty((C, 4), x3.dtype), y3, mean, var)
+                                 np.empty((C, 4), _arith(x3)), y3, mean, var)
     return mean, var
 
 
@@ -1137,7 +1185,7 @@ def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
     coefficients are computed in the kernel. Channels-last input takes the
     rows kernel, channel-major input with cache-sized channel slabs one task
     per channel (as :func:`train_fused`)."""
-    dy3, x3 = _f32(dy3), _f32(x3)
+    dy3, x3, dx3 = _bits(dy3), _bits(x3), _bits(dx3)
     if dx3.dtype != x3.dtype or x3.size == 0:
         return None
     mean, inv, w, b = _kernel_vectors(mean, inv, *_affine(w, b, x3.shape[1], mean))
@@ -1146,9 +1194,9 @@ def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
 
 def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
     """:func:`backward_fused` for a caller that has checked what it would
-    convert: ``x3`` float32 or float64 and not empty, ``dy3`` and ``dx3`` of
-    its dtype, the four vectors as :func:`_kernel_vectors` takes them
-    unchanged."""
+    convert: ``x3`` float32, float64 or float16's bits (:func:`_bits`) and
+    not empty, ``dy3`` and ``dx3`` of its dtype, the four vectors as
+    :func:`_kernel_vectors` takes them unchanged."""
     outer, C, inner = x3.shape
     if inner > 1 and (not _fusable(x3) or not dy3.flags.c_contiguous):
         return None
@@ -1157,10 +1205,10 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
         nsplit = _tasks(x3.size, outer)
         _backward_rows.on(x3.size)(
             dy3[:, :, 0], x3[:, :, 0], mean, inv, w, b, relu, training, nsplit, _block_rows(C),
-            _zero(x3), _ahead(x3), np.empty((5, C), x3.dtype),
+            _zero(x3), _ahead(x3), np.empty((5, C), _arith(x3)),
             np.empty((nsplit, C)), np.empty((nsplit, C)), np.empty(nsplit), dx3[:, :, 0], db, dw)
     else:
         _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK,
-                                    _zero(x3), np.empty((C, 5), x3.dtype), np.empty(C), dx3,
+                                    _zero(x3), np.empty((C, 5), _arith(x3)), np.empty(C), dx3,
                                     db, dw)
     return dw, db
