@@ -45,20 +45,21 @@ class LayerMemory:
     """Peak memory of a layer's forward+backward: beyond x, y, dy and dx
     nothing the size of x should be allocated."""
 
-    params = [["NCHW", "NHWC"], [k for k in ("medium", "large") if k in SIZES] or list(SIZES)]
-    param_names = ["layout", "size"]
+    params = [["NCHW", "NHWC"], [k for k in ("medium", "large") if k in SIZES] or list(SIZES),
+              ["float16", "float32"]]
+    param_names = ["layout", "size", "dtype"]
 
-    def setup(self, layout, size):
-        self.x, self.axis = make_input(size, layout, "float32")
+    def setup(self, layout, size, dtype):
+        self.x, self.axis = make_input(size, layout, dtype)
         self.dy = np.ones_like(self.x)
         self.bn = numbn.BatchNorm(self.x.shape[self.axis], axis=self.axis)
         self.bn(self.x[:2])
 
-    def peakmem_layer_step(self, layout, size):
+    def peakmem_layer_step(self, layout, size, dtype):
         self.bn(self.x)
         self.bn.backward(self.dy)
 
-    def track_x_megabytes(self, layout, size):
+    def track_x_megabytes(self, layout, size, dtype):
         return self.x.nbytes / 2**20
 
     track_x_megabytes.unit = "MiB"
