@@ -40,7 +40,8 @@ def _bench(args) -> int:
     from numbn import _bench
 
     rows = _bench.run(backends=args.backend, quick=args.quick, repeat=args.repeat,
-                      peers=not args.no_torch, progress=not args.no_progress)
+                      peers=not args.no_torch, progress=not args.no_progress,
+                      dtype=args.dtype)
     print(_bench.table(rows))
     if args.json:
         with open(args.json, "w") as f:
@@ -82,6 +83,9 @@ def main(argv=None) -> int:
     b.add_argument("--repeat", type=int, help="runs per measurement (median)")
     b.add_argument("--backend", action="append", choices=["cpu", "cuda", "numpy"],
                    help="only this backend (repeatable); default: all available")
+    b.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"],
+                   help="the inputs' dtype (default float32; float16 with float32 "
+                        "parameters, as PyTorch's)")
     b.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")

@@ -22,7 +22,7 @@ from numba import njit, prange
 
 import numbn
 
-#: The standard suite: (name, shape, channel axis), float32.
+#: The standard suite: (name, shape, channel axis), float32 unless ``--dtype``.
 STANDARD = [
     ("NCHW", (32, 64, 56, 56), 1),
     ("NCHW", (16, 32, 112, 112), 1),
@@ -89,8 +89,11 @@ def _median_interleaved(funcs, repeat, warm=False, seed=0):
 
 def _numbn_calls(x, axis, backend, rng):
     c = x.shape[axis]
-    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
-    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    # float32 parameters and statistics, float64 for float64 x: mixed
+    # precision for float16, as PyTorch's float16 BatchNorm keeps them.
+    pdt = np.float64 if x.dtype == np.float64 else np.float32
+    w, b = np.ones(c, pdt), np.zeros(c, pdt)
+    rm, rv = np.zeros(c, pdt), np.ones(c, pdt)
     dy = rng.standard_normal(x.shape).astype(x.dtype)
     _, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis, backend=backend)
     return {
@@ -108,8 +111,9 @@ def _torch_calls(x, axis, rng):
     c = x.shape[axis]
     t = torch.from_numpy(np.moveaxis(x, axis, 1))  # channels-last memory stays so
     dy = torch.from_numpy(np.moveaxis(rng.standard_normal(x.shape).astype(x.dtype), axis, 1))
-    w, b = torch.ones(c), torch.zeros(c)
-    rm, rv = torch.zeros(c), torch.ones(c)
+    pdt = torch.float64 if x.dtype == np.float64 else torch.float32
+    w, b = torch.ones(c, dtype=pdt), torch.zeros(c, dtype=pdt)
+    rm, rv = torch.zeros(c, dtype=pdt), torch.ones(c, dtype=pdt)
     _, sm, si = torch.ops.aten.native_batch_norm(t, w, b, rm.clone(), rv.clone(), True, 0.1,
                                                  1e-5)
     f = torch.nn.functional.batch_norm
@@ -143,7 +147,7 @@ class _Progress:
                 sys.stderr.write("\n")
 
 
-def warm_up(backends, say=print) -> float:
+def warm_up(backends, say=print, dtype="float32") -> float:
     """Compile (or load from the cache) every kernel the suite uses; seconds."""
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
@@ -151,34 +155,42 @@ def warm_up(backends, say=print) -> float:
         for _, shape, axis in STANDARD:
             small = tuple(2 if k == 0 else (n if k == axis % len(shape) else 3)
                           for k, n in enumerate(shape))
-            x = rng.standard_normal(small).astype(np.float32)
+            x = rng.standard_normal(small).astype(dtype)
             for call in _numbn_calls(x, axis, backend, rng).values():
                 call()
-    x = np.ones(8, np.float32)
+    x = _copyable(np.ones(8, dtype))
     _parallel_copy(x, x.copy(), 2)
     return time.perf_counter() - t0
 
 
+def _copyable(flat):
+    """``flat`` as :func:`_parallel_copy` takes it: float16 as its bits (Numba
+    has no float16 on the CPU), the same bytes."""
+    return flat.view(np.uint16) if flat.dtype == np.float16 else flat
+
+
 def run(backends=None, quick=False, repeat=None, peers=True, progress=True, say=print,
-        cases=None):
-    """Time the suite; returns a list of :class:`Row`."""
+        cases=None, dtype="float32"):
+    """Time the suite in ``dtype`` (float32 by default); returns a list of
+    :class:`Row`."""
+    dtype = np.dtype(dtype).name
     backends = [b for b in (backends or numbn.available_backends())]
     cases = cases or (QUICK if quick else STANDARD)
     repeat = repeat or (5 if quick else 25)
     use_torch = peers and has_torch()
     say(f"numbn bench: backends {', '.join(backends)}"
         + (", beside PyTorch" if use_torch else " (PyTorch not installed: no peer column)")
-        + f"; {numba.get_num_threads()} threads; median of {repeat} interleaved runs")
+        + f"; {dtype}; {numba.get_num_threads()} threads; median of {repeat} interleaved runs")
     say("compiling kernels on first use (cached on disk afterwards)...")
-    say(f"  ready in {warm_up(backends):.1f} s")
+    say(f"  ready in {warm_up(backends, dtype=dtype):.1f} s")
     rng = np.random.default_rng(0)
     rows: list[Row] = []
     bar = _Progress(len(cases), progress)
     for layout, shape, axis in cases:
-        x = rng.standard_normal(shape).astype(np.float32)
+        x = rng.standard_normal(shape).astype(dtype)
         calls = {b: _numbn_calls(x, axis, b, rng) for b in backends}
         peer = _torch_calls(x, axis, rng) if use_torch else None
-        flat = x.reshape(-1)
+        flat = _copyable(x.reshape(-1))
         dst = np.empty_like(flat)
         nthreads = numba.get_num_threads()
         def copy(flat=flat, dst=dst, nthreads=nthreads):
@@ -201,11 +213,11 @@ def run(backends=None, quick=False, repeat=None, peers=True, progress=True, say=
             nbytes = _BYTES_FACTOR[op] * x.nbytes
             for b in backends:
                 t = seconds[b]
-                rows.append(Row(layout, shape, "float32", op, b, t * 1e3, nbytes / t / 1e9,
+                rows.append(Row(layout, shape, dtype, op, b, t * 1e3, nbytes / t / 1e9,
                                 nbytes / t / 1e9 / copy_gbps,
                                 t / torch_t if torch_t else None))
             if peer:
-                rows.append(Row(layout, shape, "float32", op, "torch", torch_t * 1e3,
+                rows.append(Row(layout, shape, dtype, op, "torch", torch_t * 1e3,
                                 nbytes / torch_t / 1e9, nbytes / torch_t / 1e9 / copy_gbps,
                                 1.0))
         bar.step(f"{layout} {shape}")

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -56,6 +57,22 @@ def test_bench_quick_json(tmp_path):
            if row["backend"] == "cpu"}
     assert len(ops) == 7 * 3
     assert all(row["ms"] > 0 and row["gbps"] > 0 for row in data["rows"])
+
+
+@pytest.mark.slow
+def test_bench_float16_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = _numbn("bench", "--quick", "--repeat", "1", "--no-progress", "--backend", "cpu",
+               "--dtype", "float16", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "float16" in r.stdout.splitlines()[0]
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["dtype"] for row in rows} == {"float16"}
+    assert len([row for row in rows if row["backend"] == "cpu"]) == 7 * 3
+    # Effective bandwidth counts float16's two bytes per value.
+    row = next(r for r in rows if r["backend"] == "cpu" and r["op"] == "eval")
+    nbytes = 2 * 2 * int(np.prod(row["shape"]))
+    assert row["gbps"] == pytest.approx(nbytes / (row["ms"] * 1e-3) / 1e9, rel=1e-6)
 
 
 @pytest.mark.slow
