@@ -1062,10 +1062,10 @@ def infer(x3, mean, var, w, b, eps, relu, y3) -> None:
 
 def infer_ready(x3, mean, var, w, b, eps, relu, y3) -> None:
     """:func:`infer` for a caller that has checked what :func:`infer` would
-    convert: ``x3`` float32 or float64 and not empty, ``y3`` of its dtype, and
+    convert: ``x3`` of a float dtype and not empty, ``y3`` of its dtype, and
     the four vectors as :func:`_kernel_vectors` takes them unchanged."""
-    _launch_elementwise(_infer_channel_major, _infer_rows, x3, y3, mean, var, w, b, float(eps),
-                        relu)
+    _launch_elementwise(_infer_channel_major, _infer_rows, _bits(x3), _bits(y3), mean, var, w,
+                        b, float(eps), relu)
 
 
 def _affine(w, b, C: int, like):
@@ -1157,9 +1157,10 @@ def train_fused(x3, w, b, eps, relu, y3):
 
 def train_ready(x3, w, b, eps, relu, y3):
     """:func:`train_fused` for a caller that has checked what it would
-    convert: ``x3`` float32, float64 or float16's bits (:func:`_bits`) and
-    not empty, ``y3`` of its dtype, ``w`` and ``b`` as
+    convert: ``x3`` of a float dtype (float16 as it is or as its bits,
+    :func:`_bits`) and not empty, ``y3`` of its dtype, ``w`` and ``b`` as
     :func:`_kernel_vectors` takes them unchanged."""
+    x3, y3 = _bits(x3), _bits(y3)
     outer, C, inner = x3.shape
     if inner > 1 and not _fusable(x3):
         return None
@@ -1194,9 +1195,10 @@ def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
 
 def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
     """:func:`backward_fused` for a caller that has checked what it would
-    convert: ``x3`` float32, float64 or float16's bits (:func:`_bits`) and
-    not empty, ``dy3`` and ``dx3`` of its dtype, the four vectors as
-    :func:`_kernel_vectors` takes them unchanged."""
+    convert: ``x3`` of a float dtype (float16 as it is or as its bits,
+    :func:`_bits`) and not empty, ``dy3`` and ``dx3`` of its dtype, the four
+    vectors as :func:`_kernel_vectors` takes them unchanged."""
+    dy3, x3, dx3 = _bits(dy3), _bits(x3), _bits(dx3)
     outer, C, inner = x3.shape
     if inner > 1 and (not _fusable(x3) or not dy3.flags.c_contiguous):
         return None

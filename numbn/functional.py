@@ -7,7 +7,7 @@ each (inference, fused training forward, fused backward) that computes its
 per-channel coefficients itself from the caller's vectors: the host side is
 validation, a view and an allocation, and it does no floating-point
 arithmetic to guard. The plainest of those calls (C-contiguous NumPy
-float32/float64 input, vectors as the kernels take them) skip even the
+float16/32/64 input, vectors as the kernels take them) skip even the
 general checks by the direct path (:func:`_direct_view`): a call usually
 runs with cold caches, where every Python-level call counts. The two-pass
 forms (CUDA, SyncBatchNorm, inputs the fused kernels do not serve) share the
@@ -120,8 +120,8 @@ def _views(eng, x, axis: int, out=None):
 
 def _direct_view(x, axis, backend):
     """The ``(outer, C, inner)`` view of ``x`` when the call may take the
-    direct path: a C-contiguous, non-empty NumPy ``x`` of float32 or float64
-    with two or more channels, an integer ``axis`` in range, and the
+    direct path: a C-contiguous, non-empty NumPy ``x`` of float16, float32 or
+    float64 with two or more channels, an integer ``axis`` in range, and the
     ``"cpu"`` backend. None otherwise, and the general path validates and
     runs the call.
 
@@ -132,7 +132,7 @@ def _direct_view(x, axis, backend):
     caller's or its own last one) has streamed the caches out, where each
     costs 1-3 us (``benchmarks/call_overhead.py``).
     """
-    if type(x) is not np.ndarray or type(axis) is not int or x.dtype not in _checks.KERNEL_DTYPES:
+    if type(x) is not np.ndarray or type(axis) is not int or x.dtype not in _checks.FLOAT_DTYPES:
         return None
     if backend != "cpu" and (backend != "auto" or _dispatch._default not in ("auto", "cpu")):
         return None

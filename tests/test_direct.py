@@ -62,7 +62,7 @@ def _calls(x, dy, axis, vdt, activation, rng):
     return out
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("vdt", [np.float32, np.float64])
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("shape,axis", SHAPES)
@@ -72,9 +72,11 @@ def test_direct_equals_general(shape, axis, dtype, vdt, activation, spy, monkeyp
     rng = np.random.default_rng(7)
     x, dy = make(rng, shape, dtype), make(rng, shape, dtype, 0.0, 1.0)
     direct = _calls(x, dy, axis, vdt, activation, np.random.default_rng(1))
-    # mean and invstd come in x's dtype: with weights of another, the vectors
-    # are of two dtypes and the backward takes the general path.
-    backwards = (4 if activation is None else 2) if vdt == dtype else 0
+    # mean and invstd come in x's dtype (float32 for float16): with weights of
+    # another, the vectors are of two dtypes and the backward takes the
+    # general path.
+    stats_dtype = np.float32 if dtype == np.float16 else dtype
+    backwards = (4 if activation is None else 2) if vdt == stats_dtype else 0
     assert spy == {"infer_ready": 1, "train_ready": 2, "backward_ready": backwards}
     _general(monkeypatch)
     general = _calls(x, dy, axis, vdt, activation, np.random.default_rng(1))
@@ -95,7 +97,8 @@ def test_direct_path_declines(spy, rng):
     numbn.batch_norm(x, rm, rv, training=False)  # no weight and bias
     numbn.batch_norm(x, rm, ro, w, b, training=False)  # a read-only vector
     numbn.batch_norm(x.transpose(0, 2, 1), rm, rv, w, b, training=False, axis=2)  # strided
-    numbn.batch_norm(x.astype(np.float16), rm, rv, w, b, training=False)  # float16
+    with pytest.raises(TypeError):  # not a float dtype: the general path refuses it
+        numbn.batch_norm(x.astype(np.int32), rm, rv, w, b, training=False)
     numbn.batch_norm(x, rm, rv, w, b, training=False, backend="numpy")
     numbn.batch_norm(x, rm.astype(np.float64), rv, w, b, training=False)  # mixed dtypes
     numbn.batch_norm(x, rm, rv, w, b, training=False, out=np.empty_like(x))
