@@ -13,7 +13,8 @@ import numpy as np
 from ._dispatch import is_device_array
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-#: The dtypes the CPU kernels take as they are: of x, and of the per-channel vectors.
+#: The dtypes the CPU kernels take the per-channel vectors in as they are (x may
+#: be float16 too: the kernels take it as its bits, ``numbn._cpu._bits``).
 KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 

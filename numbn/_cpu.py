@@ -601,10 +601,9 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx, sd):
     """Add the ReLU-gated ``g`` and ``g * (x - m)`` of rows ``r0:r4`` (four
     rows at a time) to ``sg`` and ``sgx``, and ``dy`` to the sink ``sd``
     (:func:`_gate`): one load and store of the accumulators and one load of
-    the coefficients per four rows. With the
-    input in cache this took 0.65-0.8 of the row-by-row time (measured); from
-    memory it was 1.2-3x slower, so :func:`_rows_sums` takes it only for
-    cache-resident input."""
+    the coefficients per four rows. With the input in cache this took
+    0.65-0.8 of the row-by-row time (measured); from memory it was 1.2-3x
+    slower, so :func:`_rows_sums` takes it only for cache-resident input."""
     for o in range(r0, r4, 4):
         x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
         g0, g1, g2, g3 = dy[o], dy[o + 1], dy[o + 2], dy[o + 3]
@@ -1147,8 +1146,8 @@ def train_fused(x3, w, b, eps, relu, y3):
 
     Channels-last input takes the rows kernel (statistics and normalisation
     of each task's rows by the same task); channel-major input whose channel
-    slabs fit in a core's cache takes one task per channel."""
-    x3, y3 = _bits(x3), _bits(y3)
+    slabs fit in a core's cache takes one task per channel. float16 is
+    viewed as its bits by :func:`train_ready`."""
     if y3.dtype != x3.dtype or x3.size == 0:
         return None
     w, b = _kernel_vectors(*_affine(w, b, x3.shape[1], w if w is not None else b))
@@ -1185,8 +1184,8 @@ def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
     vectors, all of any float dtype (:func:`_kernel_vectors`): the
     coefficients are computed in the kernel. Channels-last input takes the
     rows kernel, channel-major input with cache-sized channel slabs one task
-    per channel (as :func:`train_fused`)."""
-    dy3, x3, dx3 = _bits(dy3), _bits(x3), _bits(dx3)
+    per channel (as :func:`train_fused`). float16 is viewed as its bits by
+    :func:`backward_ready`."""
     if dx3.dtype != x3.dtype or x3.size == 0:
         return None
     mean, inv, w, b = _kernel_vectors(mean, inv, *_affine(w, b, x3.shape[1], mean))

@@ -70,7 +70,7 @@ def test_bench_float16_json(tmp_path):
     assert {row["dtype"] for row in rows} == {"float16"}
     assert len([row for row in rows if row["backend"] == "cpu"]) == 7 * 3
     # Effective bandwidth counts float16's two bytes per value.
-    row = next(r for r in rows if r["backend"] == "cpu" and r["op"] == "eval")
+    row = next(row for row in rows if row["backend"] == "cpu" and row["op"] == "eval")
     nbytes = 2 * 2 * int(np.prod(row["shape"]))
     assert row["gbps"] == pytest.approx(nbytes / (row["ms"] * 1e-3) / 1e9, rel=1e-6)
 
