@@ -69,6 +69,30 @@ def test_statistics_of_moving_data(kind, axis, dtype, rng, cpu_path, monkeypatch
     close(y, y_ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("outliers", ["one channel", "every channel"])
+def test_first_block_probe_far_from_the_mean(outliers, axis, dtype, rng, cpu_path):
+    """The CPU kernels shift a reduction's first block by the mean of a few
+    values spread evenly over it (``numbn._cpu._PROBE`` of them, at
+    ``j * n // _PROBE``). Here those values are outliers, so the shift lies
+    far from the block's mean and the block is summed again from its own
+    mean: one channel of 8 on its own (channels-last), or every channel at
+    once. The shifted sums alone would lose about 9 bits to cancellation
+    (float32 variance off by ~4e-5, measured); redone, the variance keeps
+    float32 precision, checked here tighter than the usual tolerance."""
+    n, c = 4096, 8  # one block per channel: _config.CPU_BLOCK, CPU_ROWS_BLOCK // c
+    flat = rng.standard_normal((n, c))
+    flat[np.arange(8) * n // 8, 5 if outliers == "one channel" else slice(None)] += 1e3
+    # Reduction order: one run of n per channel for NCHW, rows for channels-last.
+    x = (np.ascontiguousarray(flat.T)[None] if axis == 1 else flat).astype(dtype)
+    y, mean, invstd = numbn.batch_norm_forward(x, axis=axis, eps=0.0, backend="cpu")
+    y_ref, mean_ref, invstd_ref, _, _ = ref.forward_train(x, eps=0.0, axis=axis)
+    np.testing.assert_allclose(invstd, invstd_ref, rtol=2e-6 if dtype == np.float32 else 1e-12)
+    close(mean * invstd_ref, mean_ref * invstd_ref, dtype)
+    close(y, y_ref, dtype)
+
+
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_float64_exact(backend, rng):
     x = rng.standard_normal((16, 8, 9, 9)) * 1e3 + 1e6
