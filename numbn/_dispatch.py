@@ -21,13 +21,14 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for that cannot run on this machine; the message says why."""
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: str, where: str = "") -> str:
     if name not in _CHOICES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_CHOICES)}")
+        raise ValueError(f"unknown backend {name!r}{where}; choose one of {', '.join(_CHOICES)}")
     return name
 
 
-_default = _check_name(os.environ.get("NUMBN_BACKEND", "auto").strip().lower() or "auto")
+_default = _check_name(os.environ.get("NUMBN_BACKEND", "auto").strip().lower() or "auto",
+                       " in the environment variable NUMBN_BACKEND")
 
 
 class _BackendSetting(AbstractContextManager):

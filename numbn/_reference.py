@@ -8,6 +8,7 @@ result is float64.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -27,7 +28,8 @@ def _quiet(fn):
 def _channels_last(a: np.ndarray, axis: int) -> np.ndarray:
     """``a`` as float64 with the channel axis moved last and the rest flattened."""
     moved = np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1)
-    return moved.reshape(-1, moved.shape[-1])
+    # The row count spelled out: reshape(-1, 0) is ambiguous when C is 0.
+    return moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
 
 
 def _from_channels_last(flat: np.ndarray, like: np.ndarray, axis: int) -> np.ndarray:

@@ -325,9 +325,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     >>> rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
     >>> y = numbn.batch_norm(x, rm, rv, training=True)
     >>> np.round(y[:, 0].ravel(), 3)
-    array([-1.336, -1.069,  0.   ,  0.267,  1.336,  1.069], dtype=float32)
-    >>> rm
-    array([0.55, 0.75], dtype=float32)
+    array([-1.362, -1.059, -0.151,  0.151,  1.059,  1.362], dtype=float32)
+    >>> rm, rv  # 0.1 of the batch mean (4.5, 6.5) and unbiased variance (13.1)
+    (array([0.45, 0.65], dtype=float32), array([2.21, 2.21], dtype=float32))
     """
     if out is None:
         y = _direct_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,

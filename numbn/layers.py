@@ -144,18 +144,34 @@ class BatchNorm:
         return self.train(False)
 
     def reset_running_stats(self) -> None:
-        """Running mean zeros, running variance ones, ``num_batches_tracked`` 0."""
+        """Running mean zeros, running variance ones, ``num_batches_tracked`` 0
+        (in place, as :meth:`load_state_dict` writes)."""
         if self.track_running_stats:
-            self.running_mean = np.zeros(self.num_features, self.dtype)
-            self.running_var = np.ones(self.num_features, self.dtype)
+            self._write("running_mean", np.zeros(self.num_features, self.dtype))
+            self._write("running_var", np.ones(self.num_features, self.dtype))
             self.num_batches_tracked = 0
 
     def reset_parameters(self) -> None:
-        """Running statistics reset, ``weight`` ones, ``bias`` zeros."""
+        """Running statistics reset, ``weight`` ones, ``bias`` zeros (in place)."""
         self.reset_running_stats()
         if self.affine:
-            self.weight = np.ones(self.num_features, self.dtype)
-            self.bias = np.zeros(self.num_features, self.dtype)
+            self._write("weight", np.ones(self.num_features, self.dtype))
+            self._write("bias", np.zeros(self.num_features, self.dtype))
+
+    def _write(self, key: str, value: np.ndarray) -> None:
+        """Set parameter or buffer ``key`` to the NumPy vector ``value``: into
+        the array the layer holds, in place (on its device, in its dtype), as
+        PyTorch's ``copy_``, so that references held elsewhere (an
+        optimiser's) stay the layer's; a new array when there is none yet or
+        the held one cannot take it (read-only, or set to another shape)."""
+        held = getattr(self, key)
+        if held is None or tuple(held.shape) != value.shape \
+                or (isinstance(held, np.ndarray) and not held.flags.writeable):
+            setattr(self, key, value)
+        elif isinstance(held, np.ndarray):
+            held[...] = value
+        else:
+            _engine("cuda").assign(held, value)
 
     def _factor(self) -> float:
         """Weight of the new batch in this step's running-statistics update."""
@@ -384,11 +400,16 @@ class BatchNorm:
     def load_state_dict(self, state: dict) -> None:
         """Load a state (PyTorch's keys); every entry is checked before any change.
 
+        Values are copied into the arrays the layer holds, in place, as
+        PyTorch's ``load_state_dict`` does: references to ``weight`` and the
+        other arrays taken before (an optimiser's) see the loaded values.
+
         Raises
         ------
         ValueError
-            Missing or unexpected keys, wrong shapes, wrong dtypes; the layer
-            is left untouched.
+            Missing or unexpected keys, wrong shapes, wrong dtypes, a
+            ``num_batches_tracked`` that is not one integer of int64's range;
+            the layer is left untouched.
         """
         expected = self._expected_state()
         missing = sorted(set(expected) - set(state))
@@ -399,29 +420,41 @@ class BatchNorm:
         staged = {}
         for key, shape in expected.items():
             value = np.asarray(state[key])
-            if value.shape != shape and not (key == "num_batches_tracked" and value.size == 1):
+            # PyTorch takes num_batches_tracked of shape (1,) too (old checkpoints).
+            if value.shape != shape and not (key == "num_batches_tracked"
+                                             and value.shape == (1,)):
                 raise ValueError(f"{key} must have shape {shape}, got {value.shape}")
             if key == "num_batches_tracked":
                 if value.dtype.kind not in "iu":
                     raise ValueError(f"num_batches_tracked must be an integer, got {value.dtype}")
-                staged[key] = int(value.reshape(()))
+                count = int(value.reshape(()))
+                if not 0 <= count <= np.iinfo(np.int64).max:
+                    raise ValueError(f"num_batches_tracked must be in 0..2**63-1 (int64), "
+                                     f"got {count}")
+                staged[key] = count
             elif value.dtype.kind != "f":
                 raise ValueError(f"{key} must be a floating array, got {value.dtype}")
             else:
                 staged[key] = value.astype(self.dtype)
         for key, value in staged.items():
-            if key != "num_batches_tracked" and getattr(self, key) is not None \
-                    and not isinstance(getattr(self, key), np.ndarray):
-                value = _engine("cuda").to_device_like(value, getattr(self, key))
-            setattr(self, key, value)
+            if key == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:
+                self._write(key, value)
 
     def save(self, path) -> None:
-        """Write ``state_dict()`` to an ``.npz`` file (no pickle)."""
+        """Write ``state_dict()`` to an ``.npz`` file (no pickle); ``.npz`` is
+        appended to a path without it, as ``np.savez`` does."""
         np.savez(path, **self.state_dict())
 
     def load(self, path) -> None:
-        """Read a file written by :meth:`save` (or any ``.npz`` of a state dict)."""
-        with np.load(os.fspath(path), allow_pickle=False) as f:
+        """Read a file written by :meth:`save` (or any ``.npz`` of a state dict),
+        by the path given to :meth:`save`: ``.npz`` appended when that path is
+        not a file and does not end in it."""
+        path = os.fsdecode(path)
+        if not os.path.isfile(path) and not path.endswith(".npz"):
+            path += ".npz"
+        with np.load(path, allow_pickle=False) as f:
             self.load_state_dict({k: f[k] for k in f.files})
 
     def __repr__(self) -> str:

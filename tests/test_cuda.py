@@ -252,8 +252,10 @@ def test_state_dict_round_trip(rng, tmp_path):
     assert all(isinstance(v, np.ndarray) for v in state.values())
     close(state["running_mean"], _host(bn.running_mean), np.float32)
     state = {k: v + 1 if k != "num_batches_tracked" else v for k, v in state.items()}
+    held = bn.running_var, bn.weight
     bn.load_state_dict(state)
     assert _is_numba(bn.running_var) and _is_numba(bn.weight)  # stays on the device
+    assert bn.running_var is held[0] and bn.weight is held[1]  # written in place, as copy_
     for key, value in state.items():
         np.testing.assert_array_equal(bn.state_dict()[key], value)
     bn.save(tmp_path / "bn.npz")

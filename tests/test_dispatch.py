@@ -67,7 +67,8 @@ def test_environment_variable():
 
 def test_environment_variable_unknown_is_an_error():
     r = _run("import numbn", NUMBN_BACKEND="quantum")
-    assert r.returncode != 0 and "unknown backend" in r.stderr
+    assert r.returncode != 0 and "unknown backend 'quantum' in the environment variable " \
+        "NUMBN_BACKEND" in r.stderr, r.stderr
 
 
 def test_import_touches_no_gpu_and_compiles_nothing():

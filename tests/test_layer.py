@@ -87,6 +87,9 @@ def test_state_dict_round_trip_and_copies(rng):
     (lambda s: s.update(weight=np.zeros(4)), "weight must have shape"),
     (lambda s: s.update(bias=np.zeros(3, np.int32)), "floating"),
     (lambda s: s.update(num_batches_tracked=np.array(1.5)), "integer"),
+    (lambda s: s.update(num_batches_tracked=np.zeros((1, 1), np.int64)), "shape"),
+    (lambda s: s.update(num_batches_tracked=np.array(2**63 + 5, np.uint64)), "int64"),
+    (lambda s: s.update(num_batches_tracked=np.array(-1)), "int64"),
 ])
 def test_bad_state_leaves_layer_untouched(change, pattern, rng):
     bn = numbn.BatchNorm(3)
@@ -101,6 +104,47 @@ def test_bad_state_leaves_layer_untouched(change, pattern, rng):
         np.testing.assert_array_equal(v, before[k])
 
 
+def test_num_batches_tracked_of_shape_one_loads():
+    """PyTorch loads ``num_batches_tracked`` of shape (1,) too (old checkpoints)."""
+    bn = numbn.BatchNorm(3)
+    state = bn.state_dict()
+    state["num_batches_tracked"] = np.array([7], np.int64)
+    bn.load_state_dict(state)
+    assert bn.num_batches_tracked == 7 and bn.state_dict()["num_batches_tracked"].shape == ()
+
+
+def test_state_changes_write_the_held_arrays(rng):
+    """load_state_dict, reset_parameters and reset_running_stats write into the
+    arrays the layer holds, as PyTorch's copy_/fill_/zero_ do: references taken
+    before (an optimiser's, the README's fine-tuning loop) stay the layer's."""
+    bn = numbn.BatchNorm(3)
+    bn(make(rng, (6, 3), np.float32))
+    keys = ("weight", "bias", "running_mean", "running_var")
+    held = {k: getattr(bn, k) for k in keys}
+    state = {k: v if k == "num_batches_tracked" else v + 2 for k, v in bn.state_dict().items()}
+    bn.load_state_dict(state)
+    for k in keys:
+        assert getattr(bn, k) is held[k]
+        np.testing.assert_array_equal(held[k], state[k])
+    bn.reset_parameters()
+    for k, value in zip(keys, (1, 0, 0, 1)):
+        assert getattr(bn, k) is held[k]
+        np.testing.assert_array_equal(held[k], value)
+
+
+def test_state_load_replaces_a_read_only_array(rng):
+    """An array the layer cannot write (read-only) is replaced, not written."""
+    bn = numbn.BatchNorm(3)
+    frozen = np.full(3, 5.0, np.float32)
+    frozen.flags.writeable = False
+    bn.weight = frozen
+    state = bn.state_dict()
+    state["weight"] = np.full(3, 2.0, np.float32)
+    bn.load_state_dict(state)
+    np.testing.assert_array_equal(frozen, 5.0)
+    np.testing.assert_array_equal(bn.weight, 2.0)
+
+
 def test_save_load_npz(tmp_path, rng):
     bn = numbn.BatchNorm(3, convention="paddle")
     bn(make(rng, (6, 3, 2), np.float32))
@@ -112,6 +156,20 @@ def test_save_load_npz(tmp_path, rng):
     other.load(path)
     for k, v in bn.state_dict().items():
         np.testing.assert_array_equal(other.state_dict()[k], v)
+
+
+def test_save_load_by_the_same_path_without_extension(tmp_path, rng):
+    """save() appends .npz as np.savez does; load() finds the file by the same path."""
+    bn = numbn.BatchNorm(3)
+    bn(make(rng, (6, 3), np.float32))
+    bn.save(tmp_path / "checkpoint")
+    assert (tmp_path / "checkpoint.npz").is_file()
+    other = numbn.BatchNorm(3)
+    other.load(tmp_path / "checkpoint")
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(other.state_dict()[k], v)
+    with pytest.raises(FileNotFoundError):
+        other.load(tmp_path / "elsewhere")
 
 
 def test_constructor_errors():

@@ -186,6 +186,15 @@ def test_contiguous_view_is_the_plans_view(shape):
     assert contiguous_view(np.asfortranarray(np.zeros((3, 4, 5))), 1) is None
 
 
+@pytest.mark.parametrize("backend", [b for b in numbn.available_backends() if b != "cuda"])
+def test_no_channels_in_eval(backend):
+    """C = 0: an empty result in eval mode, as PyTorch gives (the reference's
+    reshape(-1, 0) was ambiguous and raised)."""
+    x, empty = np.ones((4, 0, 3), np.float32), np.zeros(0, np.float32)
+    y = numbn.batch_norm(x, empty, empty.copy(), training=False, backend=backend)
+    assert y.shape == x.shape and y.dtype == x.dtype
+
+
 def test_large_output_is_prefaulted_and_correct(rng, monkeypatch):
     from numbn import _config
 
