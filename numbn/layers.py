@@ -16,7 +16,6 @@ from .functional import (
     _direct_train,
     _engine,
     _infer,
-    _stats_dtype,
     _train,
     batch_norm_backward,
     update_running,
@@ -366,9 +365,13 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() first")
         x, mean, invstd, training, axis = self._saved
-        dt = _stats_dtype(x)
+        # The float64 statistics the forward normalised with, not rounded to
+        # x's dtype as batch_norm_forward returns them: with a mean far from
+        # 0 against the spread, that rounding alone put float32 dx off by
+        # 3e-3 (relative; 5e-8 in float64. tests/test_layer.py).
         eng = _engine(resolve(self.backend, x))
-        dx, dw, db = batch_norm_backward(dy, x, eng.like(mean, dt, x), eng.like(invstd, dt, x),
+        dx, dw, db = batch_norm_backward(dy, x, eng.like(mean, np.float64, x),
+                                         eng.like(invstd, np.float64, x),
                                          self.weight, bias=self.bias, training=training,
                                          axis=axis, backend=self.backend,
                                          activation=self.activation)

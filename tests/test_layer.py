@@ -172,6 +172,22 @@ def test_save_load_by_the_same_path_without_extension(tmp_path, rng):
         other.load(tmp_path / "elsewhere")
 
 
+@pytest.mark.parametrize("shape", [(64, 4), (16, 4, 8, 8)])
+def test_backward_keeps_the_forwards_float64_statistics(shape, rng):
+    """The layer's backward takes the float64 mean and invstd its forward
+    normalised with: a float32 input of mean 1e4 and spread 1e-2 still gets
+    dx to float32 precision (rounding the mean to float32 first, as
+    batch_norm_forward returns it, put dx off by 3e-3 relative)."""
+    x = (rng.standard_normal(shape) * 1e-2 + 1e4 + 0.3).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    bn = numbn.BatchNorm(shape[1])
+    bn(x)
+    dx = bn.backward(dy)
+    _, mean, invstd, _, _ = ref.forward_train(x)
+    dx_ref = ref.backward(dy, x, mean, invstd)[0]
+    assert np.abs(dx - dx_ref).max() / np.abs(dx_ref).max() < 1e-6
+
+
 def test_constructor_errors():
     with pytest.raises(ValueError, match="positive integer"):
         numbn.BatchNorm(0)
