@@ -164,6 +164,17 @@ def _too_far(d1, d2, nb):
     return d1 * d1 > 0.5 * nb * d2
 
 
+@njit(inline="always")
+def _own_mean_sums(xr, zero, cell, k):
+    """Two passes over the 1-D chunk ``xr``: ``cell[k]`` becomes its mean
+    (rounded to ``cell``'s dtype), then :func:`_shifted_chunk` from it."""
+    acc = zero
+    for i in range(xr.shape[0]):
+        acc += _ld(xr[i])
+    cell[k] = np.float64(acc) / xr.shape[0]
+    return _shifted_chunk(xr, cell[k], zero)
+
+
 #: Values (rows, for channels-last input), spread evenly over the first block
 #: of a reduction, whose mean shifts that block's sums (later blocks: the mean
 #: so far).
@@ -193,11 +204,7 @@ def _chunk_moments(xr, zero, shift_cell, shifted):
         shift_cell[0] = np.float64(acc) / k
     d1, d2 = _shifted_chunk(xr, shift_cell[0], zero)
     if _too_far(d1, d2, nb):
-        acc = zero
-        for i in range(n):
-            acc += _ld(xr[i])
-        shift_cell[0] = np.float64(acc) / n
-        d1, d2 = _shifted_chunk(xr, shift_cell[0], zero)
+        d1, d2 = _own_mean_sums(xr, zero, shift_cell, 0)
     mean_dev = d1 / nb
     return nb, np.float64(shift_cell[0]) + mean_dev, d2 - d1 * mean_dev
 
@@ -295,25 +302,6 @@ def _shift_too_far(d1, d2, nb):
 
 
 @njit(inline="always")
-def _column_shifted_sums(x, r0, r1, c, zero, sh, d1, d2):
-    """Channel ``c`` of :func:`_rows_shifted_sums` two-pass: ``sh[c]`` becomes
-    the mean of ``x[r0:r1, c]``, then ``d1[c]``, ``d2[c]`` the sums of the
-    deviations from it."""
-    acc = zero
-    for o in range(r0, r1):
-        acc += _ld(x[o, c])
-    sh[c] = np.float64(acc) / np.float64(r1 - r0)
-    s1 = zero
-    s2 = zero
-    for o in range(r0, r1):
-        d = _ld(x[o, c]) - sh[c]
-        s1 += d
-        s2 += d * d
-    d1[c] = s1
-    d2[c] = s2
-
-
-@njit(inline="always")
 def _rows_moments(x, o0, o1, block_rows, zero, pmean, pm2, ahead):
     """Per-channel (mean, M2) of rows ``o0:o1`` of 2-D ``x`` (rows, C) into
     ``pmean`` and ``pm2`` (length C); returns the row count.
@@ -358,7 +346,7 @@ def _rows_moments(x, o0, o1, block_rows, zero, pmean, pm2, ahead):
         elif bad > 0:  # a few: those channels again, each on its own
             for c in range(C):
                 if _too_far(np.float64(d1[c]), np.float64(d2[c]), nb):
-                    _column_shifted_sums(x, r0, r1, c, zero, sh, d1, d2)
+                    d1[c], d2[c] = _own_mean_sums(x[r0:r1, c], zero, sh, c)
         for c in range(C):
             mean_dev = np.float64(d1[c]) / nb
             m2b = np.float64(d2[c]) - np.float64(d1[c]) * mean_dev
