@@ -57,6 +57,12 @@ def main(argv=None):
     sweep("spatial (NCHW, N=16, C=64)", [(16, 64, s, s) for s in hw], 1, repeat)
     sweep("spatial (NHWC, N=16, C=64)", [(16, s, s, 64) for s in hw], -1, repeat)
     sweep("C=1, large N*H*W (NCHW)", [(n, 1, 64, 64) for n in (1, 16, 256)], 1, repeat)
+    # Short runs at a fixed 4M elements: the channel-major kernels' fixed cost
+    # per run of H*W, and where the rows kernels take over (_cpu._row_views).
+    for c in (64, 512):
+        sweep(f"H*W at 4M elements (NCHW, C={c})",
+              [(max(2, (1 << 22) // (c * s * s)), c, s, s) for s in (1, 2, 3, 4, 5, 7, 8, 14)],
+              1, repeat)
 
 
 if __name__ == "__main__":

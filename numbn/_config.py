@@ -16,6 +16,12 @@ CPU_BLOCK = 4096
 #: fitting in a core's L2 cache for the second pass.
 CPU_ROWS_BLOCK = 32768
 
+#: Fewest rows in a block, however long the rows: each block costs a merge
+#: per column, which with one or two rows per block cost as much as the sums
+#: (forward of (163, 1024, 5, 5) as rows of 25600 columns: 0.65 of the
+#: channel-major time with 8 rows a block, 1.11 with 1; measured).
+CPU_ROWS_BLOCK_MIN_ROWS = 8
+
 #: How far ahead (bytes of x) the channels-last statistics and normalisation
 #: kernels prefetch x when it is not cache-resident (``_cpu._ahead``).
 CPU_ROWS_STREAM_AHEAD_BYTES = 8192
@@ -33,6 +39,20 @@ CPU_FUSED_MAX_SLAB_BYTES = 2 * 1024 * 1024
 #: by row above it (faster from memory; see ``_cpu._rows_relu_sums4``). Half
 #: the 32 MiB last-level cache of the machine this was tuned on.
 CPU_CACHE_BYTES = 16 * 1024 * 1024
+
+#: Channel-major input with short runs (``inner`` = H*W elements per channel
+#: and sample) takes the rows kernels, as rows of C * inner columns
+#: (``numbn._cpu._row_views``), when ``inner <= CPU_ROWS_MAX_INNER`` and
+#: ``C * inner**2 <= CPU_ROWS_MAX_WORK``. The channel-major kernels pay a
+#: fixed cost per run (a reduction's epilogue, a merge): the training
+#: forward of 4M float32 in 2x2 maps took 20.7 ms, 0.82 as rows. Long rows
+#: cost the rows kernels instead (their per-column accumulators leave the L1
+#: cache), and the gain shrinks as runs grow: the second limit keeps the
+#: channel-major kernels where they were as fast or faster, e.g. at
+#: (167, 512, 7, 7) (measured; ``benchmarks/scaling.py`` sweeps H*W at a
+#: fixed size).
+CPU_ROWS_MAX_INNER = 63
+CPU_ROWS_MAX_WORK = 655_360
 
 #: Inputs with fewer elements run the serial twins of the kernels: starting
 #: the threads of a parallel region costs more than such an input's work.

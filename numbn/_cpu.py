@@ -401,6 +401,11 @@ def _merge(pn, pmean, pm2, mean, var):
     _merge_partials(pn, pmean, pm2, mean, var)
 
 
+@njit(cache=True, error_model="numpy")
+def _group(cmean, cvar, g, mean, var):
+    _merge_groups(cmean, cvar, g, mean, var)
+
+
 @njit(inline="always")
 def _relu_bn(xv, m, a, t, zero):
     """``max((x - m) * a + t, 0)`` in x's dtype; NaN passes through."""
@@ -535,29 +540,52 @@ def _affine_task(x, task, isplit, coef, relu, zero, y):
 
 
 @njit(inline="always")
-def _scale_coefficients(zero, m, a, t):
-    """``(3, C)`` coefficients m, a, t in the kernels' arithmetic dtype, that
-    of ``zero`` (:func:`_coefficients_in_dtype`), from float64-convertible
-    vectors."""
-    coef = np.full((3, m.shape[0]), zero)
+def _scale_coefficients(zero, m, a, t, g):
+    """``(3, C * g)`` coefficients m, a, t in the kernels' arithmetic dtype,
+    that of ``zero`` (:func:`_coefficients_in_dtype`), from float64-convertible
+    vectors of length C, each repeated over its channel's ``g`` columns
+    (:func:`_row_views`)."""
+    coef = np.full((3, m.shape[0] * g), zero)
     for c in range(m.shape[0]):
-        _coefficients_in_dtype(coef, c, np.float64(m[c]), np.float64(a[c]), np.float64(t[c]))
+        for k in range(c * g, c * g + g):
+            _coefficients_in_dtype(coef, k, np.float64(m[c]), np.float64(a[c]),
+                                   np.float64(t[c]))
     return coef
 
 
 @njit(inline="always")
-def _eval_coefficients(zero, mean, var, w, b, eps):
+def _eval_coefficients(zero, mean, var, w, b, eps, g):
     """As :func:`_scale_coefficients` with ``a = w / sqrt(var + eps)`` in float64."""
-    coef = np.full((3, mean.shape[0]), zero)
+    coef = np.full((3, mean.shape[0] * g), zero)
     for c in range(mean.shape[0]):
         a = np.float64(w[c]) / np.sqrt(np.float64(var[c]) + eps)
-        _coefficients_in_dtype(coef, c, np.float64(mean[c]), a, np.float64(b[c]))
+        for k in range(c * g, c * g + g):
+            _coefficients_in_dtype(coef, k, np.float64(mean[c]), a, np.float64(b[c]))
     return coef
+
+
+@njit(inline="always")
+def _merge_groups(cmean, cvar, g, mean, var):
+    """Per-channel ``mean`` and biased ``var`` from those of its ``g``
+    columns (equal counts; :func:`_row_views`): the mean of the column
+    means, and the mean of the column variances plus the variance of the
+    column means (Chan's merge for equal counts)."""
+    for c in range(mean.shape[0]):
+        m = 0.0
+        for k in range(c * g, c * g + g):
+            m += cmean[k]
+        m /= g
+        v = 0.0
+        for k in range(c * g, c * g + g):
+            d = cmean[k] - m
+            v += cvar[k] + d * d
+        mean[c] = m
+        var[c] = v / g
 
 
 @_Kernel
 def _affine_channel_major(x, m, a, t, relu, zero, y, isplit):
-    coef = _scale_coefficients(zero, m, a, t)
+    coef = _scale_coefficients(zero, m, a, t, 1)
     for task in prange(x.shape[0] * x.shape[1] * isplit):
         _affine_task(x, task, isplit, coef, relu, zero, y)
 
@@ -567,7 +595,7 @@ def _infer_channel_major(x, mean, var, w, b, eps, relu, zero, y, isplit):
     """Inference forward: the coefficients from the running statistics here,
     not on the host (a few microseconds of NumPy calls per call, which is
     most of the Python cost of a small eval)."""
-    coef = _eval_coefficients(zero, mean, var, w, b, eps)
+    coef = _eval_coefficients(zero, mean, var, w, b, eps, 1)
     for task in prange(x.shape[0] * x.shape[1] * isplit):
         _affine_task(x, task, isplit, coef, relu, zero, y)
 
@@ -589,8 +617,8 @@ def _affine_row_range(x, o0, o1, m, a, t, relu, zero, y, ahead):
 
 
 @_Kernel
-def _affine_rows(x, m, a, t, relu, zero, y, nsplit, ahead):
-    coef = _scale_coefficients(zero, m, a, t)
+def _affine_rows(x, m, a, t, relu, zero, y, nsplit, ahead, g):
+    coef = _scale_coefficients(zero, m, a, t, g)
     R = x.shape[0]
     for s in prange(nsplit):
         _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
@@ -598,9 +626,10 @@ def _affine_rows(x, m, a, t, relu, zero, y, nsplit, ahead):
 
 
 @_Kernel
-def _infer_rows(x, mean, var, w, b, eps, relu, zero, y, nsplit, ahead):
-    """Channels-last inference forward (see :func:`_infer_channel_major`)."""
-    coef = _eval_coefficients(zero, mean, var, w, b, eps)
+def _infer_rows(x, mean, var, w, b, eps, relu, zero, y, nsplit, ahead, g):
+    """Inference forward of a rows view (:func:`_row_views`; see
+    :func:`_infer_channel_major`)."""
+    coef = _eval_coefficients(zero, mean, var, w, b, eps, g)
     R = x.shape[0]
     for s in prange(nsplit):
         _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
@@ -867,17 +896,23 @@ def _coefficients_in_dtype(coef, c, m, a, t):
 
 @_Kernel
 def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y, mean, var,
-                ahead):
-    """Channels-last training forward in one call: per-task statistics, the
-    merge and the coefficients, then normalisation of the same row blocks by
-    the same tasks (each thread finds its rows still in its cache when they
-    fit; and one kernel call instead of three)."""
+                ahead, g):
+    """Training forward of a rows view (:func:`_row_views`) in one call:
+    per-task statistics of each column, their merge (and each channel's
+    ``g`` columns'), the coefficients, then normalisation of the same row
+    blocks by the same tasks (each thread finds its rows still in its cache
+    when they fit; and one kernel call instead of three)."""
     R = x.shape[0]
     for s in prange(nsplit):
         pn[s] = _rows_moments(x, s * R // nsplit, (s + 1) * R // nsplit, block_rows, zero,
                               pmean[s], pm2[s], ahead)
-    _merge_partials(pn, pmean, pm2, mean, var)
-    coef = _eval_coefficients(zero, mean, var, w, b, eps)
+    if g == 1:
+        _merge_partials(pn, pmean, pm2, mean, var)
+    else:
+        cmean, cvar = np.empty(x.shape[1]), np.empty(x.shape[1])
+        _merge_partials(pn, pmean, pm2, cmean, cvar)
+        _merge_groups(cmean, cvar, g, mean, var)
+    coef = _eval_coefficients(zero, mean, var, w, b, eps, g)
     for s in prange(nsplit):
         _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
                           relu, zero, y, ahead)
@@ -885,37 +920,43 @@ def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y,
 
 @_Kernel
 def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, zero, ahead,
-                   coef, psum, pdot, sink, dx, db, dw):
-    """Channels-last backward in one call: per-task sums, their merge and
+                   coef, psum, pdot, sink, dx, db, dw, g):
+    """Backward of a rows view (:func:`_row_views`) in one call: per-task
+    sums of each column, their merge (and each channel's ``g`` columns'),
     the coefficients, then dx over the same row blocks by the same tasks.
     Writes ``db = sum(g)`` and ``dw = sum(g * x_hat)``."""
-    R, C = x.shape
+    R = x.shape[0]
+    C = db.shape[0]
     for c in range(C):
         mc, invc, ac, tc = _backward_vectors(mean, inv, w, b, c)
-        _coefficients_in_dtype(coef, c, mc, ac, tc)
+        for k in range(c * g, c * g + g):
+            _coefficients_in_dtype(coef, k, mc, ac, tc)
     for s in prange(nsplit):
         sink[s] = _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1],
                              coef[2], relu, block_rows, zero, psum[s], pdot[s], ahead)
-    for c in range(C):
-        db[c] = 0.0
-        dw[c] = 0.0  # sum(g * (x - m_rounded)) until the loop after the next
-    for s in range(nsplit):  # channels innermost: SIMD
-        for c in range(C):
-            db[c] += psum[s, c]
-            dw[c] += pdot[s, c]
-    n = np.float64(R)
+    for s in range(1, nsplit):  # columns innermost: SIMD
+        for k in range(x.shape[1]):
+            psum[0, k] += psum[s, k]
+            pdot[0, k] += pdot[s, k]  # sum(g * (x - m_rounded)) of column k
+    n = np.float64(R * g)
     for c in range(C):
         mc, invc, ac, tc = _backward_vectors(mean, inv, w, b, c)
-        shift = mc - np.float64(coef[0, c])
-        sum_g = db[c]
-        sum_gx = dw[c] - shift * sum_g
+        shift = mc - np.float64(coef[0, c * g])
+        sum_g = 0.0
+        sum_gx = 0.0
+        for k in range(c * g, c * g + g):
+            sum_g += psum[0, k]
+            sum_gx += pdot[0, k]
+        sum_gx -= shift * sum_g
+        db[c] = sum_g
         dw[c] = sum_gx * invc
         bc, dc = 0.0, 0.0
         if training:
             bc = -ac * invc * invc * sum_gx / n
             dc = -ac * sum_g / n
-        coef[3, c] = bc
-        coef[4, c] = dc - shift * bc
+        for k in range(c * g, c * g + g):
+            coef[3, k] = bc
+            coef[4, k] = dc - shift * bc
     for s in prange(nsplit):
         sink[s] += _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0],
                                     coef[1], coef[2], relu, coef[3], coef[4], dx, ahead,
@@ -946,9 +987,38 @@ def update_running(running_mean, running_var, mean, var, var_scale, factor: floa
 # Host-side drivers ---------------------------------------------------------
 
 
-def _rows(x3):
-    """The 2-D ``(rows, C)`` view of a channels-last canonical view, else None."""
-    return x3[:, :, 0] if x3.shape[2] == 1 else None
+def _row_views(x3, *more):
+    """The 2-D ``(outer, C * inner)`` views of ``x3`` and of ``more`` (arrays
+    of its shape) for the rows kernels, or None for the channel-major ones.
+
+    Channels-last input (``inner == 1``) always takes the rows kernels.
+    Channel-major input with short runs takes them too (``inner`` at most
+    ``_config.CPU_ROWS_MAX_INNER`` and ``C * inner**2`` at most
+    ``_config.CPU_ROWS_MAX_WORK``) when every array is C-contiguous, so the
+    views are views, not copies: each channel is then ``inner`` adjacent
+    columns of a row, reduced column by column and merged per channel,
+    where the channel-major kernels would pay a reduction's fixed cost on
+    every run of ``inner`` elements.
+    """
+    outer, C, inner = x3.shape
+    arrays = (x3, *more)
+    if inner == 1:
+        return [a[:, :, 0] for a in arrays]
+    short = inner <= _config.CPU_ROWS_MAX_INNER and C * inner * inner <= _config.CPU_ROWS_MAX_WORK
+    if not short or not all(a.flags.c_contiguous for a in arrays):
+        return None
+    return [a.reshape(outer, C * inner) for a in arrays]
+
+
+def _by_channel(v, g):
+    """Per-column sums of a rows view (:func:`_row_views`) summed over each
+    channel's ``g`` columns."""
+    return v if g == 1 else v.reshape(-1, g).sum(axis=1)
+
+
+def _repeat(vs, g):
+    """Per-channel vectors repeated over each channel's ``g`` columns."""
+    return vs if g == 1 else [np.repeat(v, g) for v in vs]
 
 
 def _threads() -> int:
@@ -1022,20 +1092,22 @@ def _in_dtype(dtype, m, a, t, *more):
     return out
 
 
-def _ahead(x3) -> int:
-    """Rows the rows kernels prefetch ahead of their loads of ``x``: about
-    ``_config.CPU_ROWS_STREAM_AHEAD_BYTES``, or 0 (no prefetching) for
-    cache-resident input (x and dy together within ``_config.CPU_CACHE_BYTES``;
-    0 also selects the four-row ReLU sums of :func:`_rows_sums`), where the
-    prefetch instructions only cost (the statistics of (8192, 64) took 1.35x
-    as long with them; measured)."""
-    if 2 * x3.nbytes <= _config.CPU_CACHE_BYTES:
+def _ahead(x2) -> int:
+    """Rows the rows kernels prefetch ahead of their loads of the rows view
+    ``x2``: about ``_config.CPU_ROWS_STREAM_AHEAD_BYTES``, or 0 (no
+    prefetching) for cache-resident input (x and dy together within
+    ``_config.CPU_CACHE_BYTES``; 0 also selects the four-row ReLU sums of
+    :func:`_rows_sums`), where the prefetch instructions only cost (the
+    statistics of (8192, 64) took 1.35x as long with them; measured)."""
+    if 2 * x2.nbytes <= _config.CPU_CACHE_BYTES:
         return 0
-    return max(1, _config.CPU_ROWS_STREAM_AHEAD_BYTES // max(1, x3.shape[1] * x3.itemsize))
+    return max(1, _config.CPU_ROWS_STREAM_AHEAD_BYTES // max(1, x2.shape[1] * x2.itemsize))
 
 
-def _block_rows(C: int) -> int:
-    return max(1, _config.CPU_ROWS_BLOCK // max(C, 1))
+def _block_rows(x2) -> int:
+    """Rows of a block of the rows view ``x2`` (``_config.CPU_ROWS_BLOCK``,
+    ``_config.CPU_ROWS_BLOCK_MIN_ROWS``)."""
+    return max(_config.CPU_ROWS_BLOCK_MIN_ROWS, _config.CPU_ROWS_BLOCK // max(x2.shape[1], 1))
 
 
 def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1044,18 +1116,26 @@ def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     outer, C, inner = x3.shape
     if x3.size == 0:  # an empty batch (a SyncBatchNorm rank's): count 0
         return np.zeros(C), np.full(C, np.nan)
-    x2 = _rows(x3)
-    nsplit = _per_channel(x3) if x2 is None else _tasks(x3.size, outer)
-    pn, pmean, pm2 = np.empty(nsplit), np.empty((nsplit, C)), np.empty((nsplit, C))
-    if x2 is None:
+    views = _row_views(x3)
+    if views is None:
+        nsplit = _per_channel(x3)
+        pn, pmean, pm2 = np.empty(nsplit), np.empty((nsplit, C)), np.empty((nsplit, C))
         cells = np.empty(C * nsplit, _arith(x3))
         _stats_channel_major.on(x3.size)(x3, nsplit, _config.CPU_BLOCK, _zero(x3), cells,
                                          pn, pmean, pm2)
     else:
-        _stats_rows.on(x3.size)(x2, nsplit, _block_rows(C), _zero(x3), pn, pmean, pm2,
-                                _ahead(x3))
-    mean, var = np.empty(C), np.empty(C)
+        x2, = views
+        nsplit = _tasks(x3.size, outer)
+        pn, pmean, pm2 = (np.empty(nsplit), np.empty((nsplit, x2.shape[1])),
+                          np.empty((nsplit, x2.shape[1])))
+        _stats_rows.on(x3.size)(x2, nsplit, _block_rows(x2), _zero(x3), pn, pmean, pm2,
+                                _ahead(x2))
+    mean, var = np.empty(pmean.shape[1]), np.empty(pmean.shape[1])
     _merge(pn, pmean, pm2, mean, var)
+    if inner > 1 and views is not None:
+        grouped = (np.empty(C), np.empty(C))
+        _group(mean, var, inner, *grouped)
+        return grouped
     return mean, var
 
 
@@ -1075,13 +1155,15 @@ def _elementwise(channel_major, rows, x3, y3, *args) -> None:
 def _launch_elementwise(channel_major, rows, x3, y3, *args) -> None:
     """``kernel(x, *args, zero, y, split)`` on a non-empty ``x3`` (float32,
     float64 or float16's bits, :func:`_bits`) into ``y3`` of its dtype; the
-    rows kernel, for channels-last input, with ``ahead`` (:func:`_ahead`)
-    after ``split``."""
-    if x3.shape[2] > 1:
+    rows kernel, where :func:`_row_views` serves, with ``ahead``
+    (:func:`_ahead`) and the columns per channel after ``split``."""
+    views = _row_views(x3, y3)
+    if views is None:
         channel_major.on(x3.size)(x3, *args, _zero(x3), y3, _isplit(x3))
     else:
-        rows.on(x3.size)(x3[:, :, 0], *args, _zero(x3), y3[:, :, 0],
-                         _tasks(x3.size, x3.shape[0]), _ahead(x3))
+        x2, y2 = views
+        rows.on(x3.size)(x2, *args, _zero(x3), y2, _tasks(x3.size, x3.shape[0]), _ahead(x2),
+                         x3.shape[2])
 
 
 def normalize(x3, m, a, t, relu, y3) -> None:
@@ -1135,20 +1217,23 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
     # float32 SIMD); sum(g * (x - m)) is corrected for that rounding below.
     # The ReLU gate uses the forward's own coefficients, so the masks agree.
     mx, a, t = _in_dtype(_arith(x3), m, a, t)
-    x2 = _rows(x3)
-    if x2 is None:
+    views = _row_views(x3, dy3)
+    if views is None:
         nsplit = _per_channel(x3)
         psum, pdot = np.empty((C, nsplit)), np.empty((C, nsplit))
         _sums_channel_major.on(x3.size)(dy3, x3, mx, a, t, relu, nsplit, _config.CPU_BLOCK,
                                         _zero(x3), psum, pdot, np.empty(C * nsplit))
+        sum_g, sum_gx = psum.sum(axis=1), pdot.sum(axis=1)
     else:
+        x2, dy2 = views
         nsplit = _tasks(x3.size, outer)
-        psum, pdot = np.empty((nsplit, C)), np.empty((nsplit, C))
-        _sums_rows.on(x3.size)(dy3[:, :, 0], x2, mx, a, t, relu, nsplit, _block_rows(C),
-                               _zero(x3), psum, pdot, _ahead(x3), np.empty(nsplit))
-        psum, pdot = psum.T, pdot.T  # (C, nsplit), as the channel-major partials
-    sum_g = psum.sum(axis=1)
-    return sum_g, pdot.sum(axis=1) - (m - mx.astype(np.float64)) * sum_g
+        psum, pdot = np.empty((nsplit, x2.shape[1])), np.empty((nsplit, x2.shape[1]))
+        _sums_rows.on(x3.size)(dy2, x2, *_repeat((mx, a, t), inner), relu, nsplit,
+                               _block_rows(x2), _zero(x3), psum, pdot, _ahead(x2),
+                               np.empty(nsplit))
+        sum_g = _by_channel(psum.sum(axis=0), inner)
+        sum_gx = _by_channel(pdot.sum(axis=0), inner)
+    return sum_g, sum_gx - (m - mx.astype(np.float64)) * sum_g
 
 
 def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
@@ -1158,15 +1243,17 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
         return
     dy3, x3, dx3 = _bits(dy3), _bits(x3), _bits(dx3)
     m, a, t, b, d = _in_dtype(_arith(x3), m, a, t, b, d)
-    x2 = _rows(x3)
-    if x2 is None:
+    views = _row_views(x3, dy3, dx3)
+    if views is None:
         isplit = _isplit(x3)
         _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, dx3, isplit,
                                          np.empty(x3.shape[0] * x3.shape[1] * isplit))
     else:
+        x2, dy2, dx2 = views
+        m, a, t, b, d = _repeat((m, a, t, b, d), x3.shape[2])
         nsplit = _tasks(x3.size, x2.shape[0])
-        _apply_rows.on(x3.size)(dy3[:, :, 0], x2, m, a, t, relu, b, d, dx3[:, :, 0], nsplit,
-                                _ahead(x3), _zero(x3), np.empty(nsplit))
+        _apply_rows.on(x3.size)(dy2, x2, m, a, t, relu, b, d, dx2, nsplit, _ahead(x2),
+                                _zero(x3), np.empty(nsplit))
 
 
 def _fusable(x3) -> bool:
@@ -1200,15 +1287,17 @@ def train_ready(x3, w, b, eps, relu, y3):
     :func:`_kernel_vectors` takes them unchanged."""
     x3, y3 = _bits(x3), _bits(y3)
     outer, C, inner = x3.shape
-    if inner > 1 and not _fusable(x3):
+    views = _row_views(x3, y3)
+    if views is None and not _fusable(x3):
         return None
     mean, var = np.empty(C), np.empty(C)
-    if inner == 1:
+    if views is not None:
+        x2, y2 = views
         nsplit = _tasks(x3.size, outer)
         _train_rows.on(x3.size)(
-            x3[:, :, 0], w, b, float(eps), relu, nsplit, _block_rows(C), _zero(x3),
-            np.empty(nsplit), np.empty((nsplit, C)), np.empty((nsplit, C)), y3[:, :, 0],
-            mean, var, _ahead(x3))
+            x2, w, b, float(eps), relu, nsplit, _block_rows(x2), _zero(x3),
+            np.empty(nsplit), np.empty((nsplit, x2.shape[1])), np.empty((nsplit, x2.shape[1])),
+            y2, mean, var, _ahead(x2), inner)
     else:
         _train_fused.on(x3.size)(x3, w, b, float(eps), relu, _config.CPU_BLOCK, _zero(x3),
                                  np.empty((C, 4), _arith(x3)), y3, mean, var)
@@ -1238,15 +1327,18 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
     vectors as :func:`_kernel_vectors` takes them unchanged."""
     dy3, x3, dx3 = _bits(dy3), _bits(x3), _bits(dx3)
     outer, C, inner = x3.shape
-    if inner > 1 and (not _fusable(x3) or not dy3.flags.c_contiguous):
+    views = _row_views(x3, dy3, dx3)
+    if views is None and (not _fusable(x3) or not dy3.flags.c_contiguous):
         return None
     dw, db = np.empty(C), np.empty(C)
-    if inner == 1:
+    if views is not None:
+        x2, dy2, dx2 = views
         nsplit = _tasks(x3.size, outer)
+        cols = x2.shape[1]
         _backward_rows.on(x3.size)(
-            dy3[:, :, 0], x3[:, :, 0], mean, inv, w, b, relu, training, nsplit, _block_rows(C),
-            _zero(x3), _ahead(x3), np.empty((5, C), _arith(x3)),
-            np.empty((nsplit, C)), np.empty((nsplit, C)), np.empty(nsplit), dx3[:, :, 0], db, dw)
+            dy2, x2, mean, inv, w, b, relu, training, nsplit, _block_rows(x2), _zero(x3),
+            _ahead(x2), np.empty((5, cols), _arith(x3)), np.empty((nsplit, cols)),
+            np.empty((nsplit, cols)), np.empty(nsplit), dx2, db, dw, inner)
     else:
         _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK,
                                     _zero(x3), np.empty((C, 5), _arith(x3)), np.empty(C), dx3,

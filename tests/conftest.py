@@ -100,6 +100,7 @@ def tiny_tasks(monkeypatch):
     monkeypatch.setattr(_config, "CPU_PARALLEL_MIN", 0)
     monkeypatch.setattr(_config, "CPU_BLOCK", 7)
     monkeypatch.setattr(_config, "CPU_ROWS_BLOCK", 9)
+    monkeypatch.setattr(_config, "CPU_ROWS_BLOCK_MIN_ROWS", 1)
 
 
 HOST_BACKENDS = [b for b in numbn.available_backends() if b != "cuda"]
@@ -108,14 +109,18 @@ HOST_BACKENDS = [b for b in numbn.available_backends() if b != "cuda"]
 @pytest.fixture(params=["fused", "two-pass", "serial"])
 def cpu_path(request, monkeypatch):
     """Run a test through the cache-blocked fused kernels (every channel
-    small enough), through the parallel two-pass kernels (fusion off, and
-    every input treated as too large for the cache, so the loops meant for
-    input streamed from memory run), and through the serial twins of the
-    kernels."""
+    small enough, and channel-major input kept channel-major however short
+    its runs), through the parallel two-pass kernels (fusion off, and every
+    input treated as too large for the cache, so the loops meant for input
+    streamed from memory run; contiguous channel-major input with short runs
+    takes the rows kernels, numbn._cpu._row_views), and through the serial
+    twins of the kernels."""
     from numbn import _config
 
     monkeypatch.setattr(_config, "CPU_FUSED_MAX_SLAB_BYTES",
                         1 << 40 if request.param == "fused" else 0)
+    if request.param == "fused":
+        monkeypatch.setattr(_config, "CPU_ROWS_MAX_INNER", 0)
     if request.param == "two-pass":
         monkeypatch.setattr(_config, "CPU_CACHE_BYTES", 0)
     if request.param == "serial":
