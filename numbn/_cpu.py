@@ -15,10 +15,12 @@ elementwise pass, in one kernel call, while the data may still be cached).
 
 Each has two loop orders. *Channel-major* (a long contiguous inner run, as in
 NCHW) splits every channel's reduction into tasks; *row-major* (channels-last
-and 2-D, inner run short) gives each task a block of rows over all channels,
-so the innermost loop runs along contiguous channels. Either way a task owns
-its partial results and the partials are merged afterwards; no two threads
-write one location.
+and 2-D, inner run 1) gives each task a block of rows over all channels, so
+the innermost loop runs along contiguous channels. Contiguous channel-major
+input with short runs (small H*W) takes the row-major kernels too, each row
+``C * inner`` columns wide, the columns merged per channel afterwards
+(:func:`_row_views`). Either way a task owns its partial results and the
+partials are merged afterwards; no two threads write one location.
 
 Variance: each task reduces blocks of ``_config.CPU_BLOCK`` elements and
 merges blocks and tasks with Chan's formula. A block's sums are shifted by the
