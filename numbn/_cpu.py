@@ -549,9 +549,8 @@ def _scale_coefficients(zero, m, a, t, g):
     (:func:`_row_views`)."""
     coef = np.full((3, m.shape[0] * g), zero)
     for c in range(m.shape[0]):
-        for k in range(c * g, c * g + g):
-            _coefficients_in_dtype(coef, k, np.float64(m[c]), np.float64(a[c]),
-                                   np.float64(t[c]))
+        _coefficients_in_dtype(coef, c, g, np.float64(m[c]), np.float64(a[c]),
+                               np.float64(t[c]))
     return coef
 
 
@@ -561,8 +560,7 @@ def _eval_coefficients(zero, mean, var, w, b, eps, g):
     coef = np.full((3, mean.shape[0] * g), zero)
     for c in range(mean.shape[0]):
         a = np.float64(w[c]) / np.sqrt(np.float64(var[c]) + eps)
-        for k in range(c * g, c * g + g):
-            _coefficients_in_dtype(coef, k, np.float64(mean[c]), a, np.float64(b[c]))
+        _coefficients_in_dtype(coef, c, g, np.float64(mean[c]), a, np.float64(b[c]))
     return coef
 
 
@@ -885,14 +883,20 @@ def _backward_fused(dy, x, mean, inv, w, b, relu, training, block, zero, cells, 
 
 
 @njit(inline="always")
-def _coefficients_in_dtype(coef, c, m, a, t):
-    """Column ``c`` of ``coef`` (rows m, a, t in x's dtype) from float64
-    ``m, a, t`` as :func:`_in_dtype` rounds them: ``t`` absorbs the rounding
-    of ``m``. Returns that rounding, ``m - m_rounded``."""
-    coef[0, c] = m
-    coef[1, c] = a
-    shift = m - np.float64(coef[0, c])
-    coef[2, c] = t - shift * a
+def _coefficients_in_dtype(coef, c, g, m, a, t):
+    """Channel ``c``'s columns ``c * g`` to ``c * g + g - 1`` of ``coef``
+    (rows m, a, t in x's dtype; ``g`` columns per channel, :func:`_row_views`)
+    from float64 ``m, a, t`` as :func:`_in_dtype` rounds them: ``t`` absorbs
+    the rounding of ``m``. Returns that rounding, ``m - m_rounded``."""
+    k = c * g
+    coef[0, k] = m
+    coef[1, k] = a
+    shift = m - np.float64(coef[0, k])
+    coef[2, k] = t - shift * a
+    for j in range(k + 1, k + g):
+        coef[0, j] = coef[0, k]
+        coef[1, j] = coef[1, k]
+        coef[2, j] = coef[2, k]
     return shift
 
 
@@ -931,8 +935,7 @@ def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, z
     C = db.shape[0]
     for c in range(C):
         mc, invc, ac, tc = _backward_vectors(mean, inv, w, b, c)
-        for k in range(c * g, c * g + g):
-            _coefficients_in_dtype(coef, k, mc, ac, tc)
+        _coefficients_in_dtype(coef, c, g, mc, ac, tc)
     for s in prange(nsplit):
         sink[s] = _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1],
                              coef[2], relu, block_rows, zero, psum[s], pdot[s], ahead)
