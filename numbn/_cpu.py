@@ -44,6 +44,11 @@ stored (``_st``), both vectorised (``vcvtph2ps``, ``vcvtps2ph``), with no
 float32 copy of anything the size of x. In the docstrings below, "x's dtype"
 means this arithmetic dtype: float32 for float16 x.
 
+Outputs of ``_config.CPU_STREAM_MIN_BYTES`` or more are written by the
+channel-major elementwise passes with non-temporal stores, a whole cache line
+at a time (:func:`_stream_line`, :func:`_stream_apply_line`): an ordinary
+store reads each line before writing it, a third of the pass's traffic.
+
 ``fastmath`` is limited to ``reassoc`` and ``contract``: reassociation lets
 LLVM vectorise the reductions (a different summation order, as accurate), and
 contraction forms fused multiply-adds. Neither changes NaN or Inf handling
@@ -416,13 +421,39 @@ def _relu_bn(xv, m, a, t, zero):
 
 
 @njit(inline="always")
-def _affine_run(xr, yr, m, a, t, relu, zero):
-    """``yr = (xr - m) * a + t`` along one run, then ReLU if ``relu``.
+def _affine_run(xr, yr, m, a, t, relu, zero, stream):
+    """``yr = (xr - m) * a + t`` along one run, then ReLU if ``relu``; with
+    ``stream``, the run's whole 64-byte lines of ``yr`` stored non-temporally
+    (:func:`_stream_line`; the partial lines at its ends as usual), after
+    which the caller's task ends with :func:`_store_fence` (a fence per run
+    made the eval of (64, 256, 14, 14) six times slower; measured).
 
     Two loops, not one clamp at -inf when there is no ReLU: the compare and
     select doubled the work per element, and cache-resident inputs are
     compute-bound (eval at 64x256x14x14: 0.78 of the clamped time, measured).
     """
+    if stream:
+        head, body, line = _lines(yr)
+        _affine_span(xr[:head], yr[:head], m, a, t, relu, zero)
+        for i in range(head, body, line):
+            _stream_line(xr, yr, i, m, a, t, relu)
+        _affine_span(xr[body:], yr[body:], m, a, t, relu, zero)
+    else:
+        _affine_span(xr, yr, m, a, t, relu, zero)
+
+
+@njit(inline="always")
+def _lines(yr):
+    """``(head, body, line)``: the whole 64-byte cache lines of the 1-D
+    contiguous ``yr`` are its elements ``head:body``, ``line`` to a line."""
+    line = 64 // yr.itemsize
+    head = min((64 - yr.ctypes.data % 64) % 64 // yr.itemsize, yr.shape[0])
+    return head, head + (yr.shape[0] - head) // line * line, line
+
+
+@njit(inline="always")
+def _affine_span(xr, yr, m, a, t, relu, zero):
+    """:func:`_affine_run` without streaming."""
     if relu:
         for i in range(xr.shape[0]):
             yr[i] = _st(yr, _relu_bn(_ld(xr[i]), m, a, t, zero))
@@ -476,6 +507,133 @@ def _prefetch(typingctx, arr, idx):
     return numba.types.void(arr, idx), codegen
 
 
+_STORED = {4: ir.FloatType(), 8: ir.DoubleType(), 2: ir.HalfType()}
+
+
+class _Halves:
+    """LLVM IR for the two 32-byte halves of a 64-byte cache line of 1-D
+    contiguous arrays whose elements have ``size`` bytes (float16 as its
+    bits), computed on in vectors of the scalar type ``arith``."""
+
+    def __init__(self, builder, size, arith):
+        self.builder, self.size, self.lanes = builder, size, 32 // size
+        self.stored = ir.VectorType(_STORED[size], self.lanes)
+        self.bits = ir.VectorType(ir.IntType(8 * size), self.lanes)
+        self.arith = ir.VectorType(arith, self.lanes)
+        self.zero = ir.Constant(self.arith, None)
+        self.nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+
+    def splat(self, v):
+        out = ir.Constant(ir.VectorType(v.type, self.lanes), ir.Undefined)
+        for k in range(self.lanes):
+            out = self.builder.insert_element(out, v, ir.Constant(ir.IntType(32), k))
+        return out
+
+    def flag(self, v):
+        """A runtime boolean as a vector of ``i1``."""
+        return self.splat(self.builder.icmp_unsigned("!=", v, ir.Constant(v.type, 0)))
+
+    def at(self, start, half):
+        return self.builder.add(start, ir.Constant(start.type, half * self.lanes))
+
+    def load(self, data, at):
+        """A half's elements from ``data[at:]``, widened to ``arith`` (float16)."""
+        b = self.builder
+        v = b.bitcast(b.load(b.bitcast(b.gep(data, [at]), self.bits.as_pointer()),
+                             align=self.size), self.stored)
+        return b.fpext(v, self.arith) if self.size == 2 else v
+
+    def stream(self, v, data, at):
+        """Store ``v`` at ``data[at:]`` (32-byte aligned), rounded to the
+        element type (float16), non-temporally."""
+        b = self.builder
+        if self.size == 2:
+            v = b.fptrunc(v, self.stored)
+        store = b.store(b.bitcast(v, self.bits), b.bitcast(b.gep(data, [at]),
+                                                           self.bits.as_pointer()), align=32)
+        store.set_metadata("nontemporal", self.nontemporal)
+
+    def where(self, keep, v):
+        """``v`` where ``keep``, else 0."""
+        return self.builder.select(keep, v, self.zero)
+
+    def affine(self, x, m, a, t):
+        b = self.builder
+        return b.fadd(b.fmul(b.fsub(x, m), a), t)
+
+
+def _line_typing(n_arrays, compute, args):
+    """The typing of an intrinsic ``f(*arrays, i, *scalars)`` (Numba types
+    ``args``) that writes the 64-byte line at ``arrays[-1][i]`` (aligned)
+    non-temporally, from ``compute(h, loaded, scalars)``, ``h`` a
+    :class:`_Halves`, ``loaded`` the other arrays' values at the same
+    elements. A normal store first reads the line into the cache,
+    a third of an elementwise pass's traffic; LLVM makes no aligned
+    non-temporal vector store of a plain loop's (its alignment is unknown
+    there), so the line is written as two explicit 32-byte vectors. The
+    arithmetic is in the scalars' type (float32 for float16), and Numba's
+    fastmath pass flags it as the rest of the kernel."""
+    size = args[0].dtype.bitwidth // 8
+
+    def codegen(context, builder, signature, values):
+        arrays = [context.make_array(ty)(context, builder, v)
+                  for ty, v in zip(signature.args[:n_arrays], values[:n_arrays])]
+        start = context.cast(builder, values[n_arrays], signature.args[n_arrays],
+                             numba.types.intp)
+        scalars = values[n_arrays + 1:]
+        h = _Halves(builder, size, scalars[0].type)
+        for half in range(2):
+            at = h.at(start, half)
+            loaded = [h.load(arr.data, at) for arr in arrays[:-1]]
+            h.stream(compute(h, loaded, scalars), arrays[-1].data, at)
+        return context.get_dummy_value()
+    return numba.types.void(*args), codegen
+
+
+def _affine_line(h, loaded, scalars):
+    """:func:`_affine_run`'s arithmetic: ``(x - m) * a + t``, then ReLU."""
+    b = h.builder
+    (x,) = loaded
+    m, a, t, relu = scalars
+    v = h.affine(x, h.splat(m), h.splat(a), h.splat(t))
+    return h.where(b.not_(b.and_(h.flag(relu), b.fcmp_ordered("<", v, h.zero))), v)  # _relu_bn
+
+
+def _apply_line(h, loaded, scalars):
+    """:func:`_apply_run`'s arithmetic: ``g * a + (x - m) * b + d``, ``g``
+    being ``dy`` gated by the fused ReLU."""
+    b = h.builder
+    dy, x = loaded
+    m, a, t, bc, dc = (h.splat(v) for v in scalars[:3] + scalars[4:])
+    above = b.fcmp_ordered(">", h.affine(x, m, a, t), h.zero)
+    g = h.where(b.or_(b.not_(h.flag(scalars[3])), above), dy)  # _gate
+    return b.fadd(b.fadd(b.fmul(g, a), b.fmul(b.fsub(x, m), bc)), dc)
+
+
+@intrinsic
+def _stream_line(typingctx, xr, yr, i, m, a, t, relu):
+    """:func:`_affine_run` for the line at ``yr[i]`` (:func:`_line_typing`)."""
+    return _line_typing(2, _affine_line, (xr, yr, i, m, a, t, relu))
+
+
+@intrinsic
+def _stream_apply_line(typingctx, gr, xr, dr, i, m, a, t, relu, b, d):
+    """:func:`_apply_run` for the line at ``dr[i]`` (:func:`_line_typing`)."""
+    return _line_typing(3, _apply_line, (gr, xr, dr, i, m, a, t, relu, b, d))
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """A sequentially consistent fence (``mfence`` on x86): the non-temporal
+    stores before it are ordered before every store after it, so they are
+    visible by the time the parallel region's end is (an ordinary fence on
+    x86 orders nothing, non-temporal stores being weakly ordered)."""
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return numba.types.void(), codegen
+
+
 @njit(inline="always")
 def _prefetch_run(r):
     """Prefetch every cache line of the 1-D run ``r``."""
@@ -512,9 +670,22 @@ def _chunk_sums(gr, xr, m, a, t, relu, zero):
 
 
 @njit(inline="always")
-def _apply_run(gr, xr, dr, m, a, t, relu, b, d, zero):
-    """``dr = g * a + (xr - m) * b + d`` along one run; returns, under the
-    ReLU, ``sum(dy)`` (else 0) for the caller's sink (:func:`_gate`)."""
+def _apply_run(gr, xr, dr, m, a, t, relu, b, d, zero, stream):
+    """``dr = g * a + (xr - m) * b + d`` along one run, with ``stream`` as
+    :func:`_affine_run`'s; returns, under the ReLU, ``sum(dy)`` (else 0;
+    over the parts not streamed) for the caller's sink (:func:`_gate`)."""
+    if not stream:
+        return _apply_span(gr, xr, dr, m, a, t, relu, b, d, zero)
+    head, body, line = _lines(dr)
+    sd = _apply_span(gr[:head], xr[:head], dr[:head], m, a, t, relu, b, d, zero)
+    for i in range(head, body, line):
+        _stream_apply_line(gr, xr, dr, i, m, a, t, relu, b, d)
+    return sd + _apply_span(gr[body:], xr[body:], dr[body:], m, a, t, relu, b, d, zero)
+
+
+@njit(inline="always")
+def _apply_span(gr, xr, dr, m, a, t, relu, b, d, zero):
+    """:func:`_apply_run` without streaming."""
     sd = zero
     for i in range(xr.shape[0]):
         g, sd = _gate_sunk(_ld(gr[i]), sd, _ld(xr[i]), m, a, t, relu, zero)
@@ -534,11 +705,11 @@ def _task_span(task, isplit, C, inner):
 
 
 @njit(inline="always")
-def _affine_task(x, task, isplit, coef, relu, zero, y):
+def _affine_task(x, task, isplit, coef, relu, zero, y, stream):
     """Elementwise task ``task`` of the channel-major forward (:func:`_task_span`)."""
     o, c, i0, i1 = _task_span(task, isplit, x.shape[1], x.shape[2])
     _affine_run(x[o, c, i0:i1], y[o, c, i0:i1], coef[0, c], coef[1, c], coef[2, c], relu,
-                zero)
+                zero, stream)
 
 
 @njit(inline="always")
@@ -598,21 +769,33 @@ def _merge_groups(cmean, cvar, g, mean, var):
         var[c] = v / g
 
 
-@_Kernel
-def _affine_channel_major(x, m, a, t, relu, zero, y, isplit):
-    coef = _scale_coefficients(zero, m, a, t, 1)
-    for task in prange(x.shape[0] * x.shape[1] * isplit):
-        _affine_task(x, task, isplit, coef, relu, zero, y)
+@njit(inline="always")
+def _affine_tasks(x, coef, relu, zero, y, isplit, parts, stream):
+    """The channel-major elementwise forward: its tasks (:func:`_task_span`)
+    in ``parts`` contiguous parts (one a thread, as a static schedule splits
+    them), so that a part's non-temporal stores take one fence."""
+    tasks = x.shape[0] * x.shape[1] * isplit
+    parts = min(tasks, parts)
+    for p in prange(parts):
+        for task in range(p * tasks // parts, (p + 1) * tasks // parts):
+            _affine_task(x, task, isplit, coef, relu, zero, y, stream)
+        if stream:
+            _store_fence()
 
 
 @_Kernel
-def _infer_channel_major(x, mean, var, w, b, eps, relu, zero, y, isplit):
+def _affine_channel_major(x, m, a, t, relu, zero, y, isplit, parts, stream):
+    _affine_tasks(x, _scale_coefficients(zero, m, a, t, 1), relu, zero, y, isplit, parts,
+                  stream)
+
+
+@_Kernel
+def _infer_channel_major(x, mean, var, w, b, eps, relu, zero, y, isplit, parts, stream):
     """Inference forward: the coefficients from the running statistics here,
     not on the host (a few microseconds of NumPy calls per call, which is
     most of the Python cost of a small eval)."""
-    coef = _eval_coefficients(zero, mean, var, w, b, eps, 1)
-    for task in prange(x.shape[0] * x.shape[1] * isplit):
-        _affine_task(x, task, isplit, coef, relu, zero, y)
+    _affine_tasks(x, _eval_coefficients(zero, mean, var, w, b, eps, 1), relu, zero, y, isplit,
+                  parts, stream)
 
 
 @njit(inline="always")
@@ -769,16 +952,19 @@ def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, psum, pdot, ahead
 
 
 @_Kernel
-def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit, sink):
+def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit, parts, stream, sink):
+    """The channel-major backward apply, its tasks in parts as :func:`_affine_tasks`."""
     outer, C, inner = x.shape
-    for task in prange(outer * C * isplit):
-        o, c, i0, i1 = _task_span(task, isplit, C, inner)
-        xr = x[o, c, i0:i1]
-        gr = dy[o, c, i0:i1]
-        dr = dx[o, c, i0:i1]
-        mc, ac, tc, bc, dc = m[c], a[c], t[c], b[c], d[c]
-        zero = mc - mc
-        sink[task] = _apply_run(gr, xr, dr, mc, ac, tc, relu, bc, dc, zero)  # the sink: see _gate
+    tasks = outer * C * isplit
+    parts = min(tasks, parts)
+    for p in prange(parts):
+        for task in range(p * tasks // parts, (p + 1) * tasks // parts):
+            o, c, i0, i1 = _task_span(task, isplit, C, inner)
+            mc, ac, tc, bc, dc = m[c], a[c], t[c], b[c], d[c]
+            sink[task] = _apply_run(dy[o, c, i0:i1], x[o, c, i0:i1], dx[o, c, i0:i1], mc, ac,
+                                    tc, relu, bc, dc, mc - mc, stream)  # the sink: see _gate
+        if stream:
+            _store_fence()
 
 
 @njit(inline="always")
@@ -825,7 +1011,7 @@ def _cast(cell, k, value):
 
 
 @_Kernel
-def _train_fused(x, w, b, eps, relu, block, zero, cells, y, mean_out, var_out):
+def _train_fused(x, w, b, eps, relu, block, zero, cells, y, mean_out, var_out, stream):
     """Training forward with one task per channel, for channels whose slab
     fits in a core's cache: statistics, then normalisation while the slab is
     still cached, so x crosses memory once (2|x| of traffic, not 3|x|)."""
@@ -847,7 +1033,9 @@ def _train_fused(x, w, b, eps, relu, block, zero, cells, y, mean_out, var_out):
         ar = _cast(cell, 2, a)
         tr = _cast(cell, 3, b[c] - (mean - np.float64(mr)) * a)  # as _in_dtype
         for o in range(outer):
-            _affine_run(x[o, c], y[o, c], mr, ar, tr, relu, zero)
+            _affine_run(x[o, c], y[o, c], mr, ar, tr, relu, zero, stream)
+        if stream:
+            _store_fence()
 
 
 @njit(inline="always")
@@ -859,7 +1047,7 @@ def _backward_vectors(mean, inv, w, b, c):
 
 @_Kernel
 def _backward_fused(dy, x, mean, inv, w, b, relu, training, block, zero, cells, sink, dx,
-                    db_out, dw_out):
+                    db_out, dw_out, stream):
     """Backward with one task per channel, for cache-sized channel slabs:
     the sums, then dx while x and dy are still cached (3|x| of traffic).
     Writes ``dbias = sum(g)`` and ``dweight = sum(g * x_hat)``."""
@@ -893,7 +1081,10 @@ def _backward_fused(dy, x, mean, inv, w, b, relu, training, block, zero, cells, 
         br = _cast(cell, 3, bc)
         dr_ = _cast(cell, 4, dc - shift * bc)
         for o in range(outer):
-            acc_d += _apply_run(dy[o, c], x[o, c], dx[o, c], mr, ar, tr, relu, br, dr_, zero)
+            acc_d += _apply_run(dy[o, c], x[o, c], dx[o, c], mr, ar, tr, relu, br, dr_, zero,
+                                stream)
+        if stream:
+            _store_fence()
         sink[c] = acc_d  # the sink: see _gate
 
 
@@ -1123,6 +1314,16 @@ def _ahead(x2) -> int:
     return max(1, _config.CPU_ROWS_STREAM_AHEAD_BYTES // max(1, x2.shape[1] * x2.itemsize))
 
 
+def _stream(y3, *read) -> bool:
+    """Whether the channel-major kernels store ``y3`` non-temporally
+    (:func:`_stream_line`): when it has at least
+    ``_config.CPU_STREAM_MIN_BYTES``, and its inner runs and those of the
+    arrays ``read`` beside it are contiguous (the line intrinsics load and
+    store whole vectors)."""
+    return (y3.nbytes >= _config.CPU_STREAM_MIN_BYTES
+            and all(a.strides[2] == a.itemsize for a in (y3, *read)))
+
+
 def _block_rows(x2) -> int:
     """Rows of a block of the rows view ``x2`` (``_config.CPU_ROWS_BLOCK``,
     ``_config.CPU_ROWS_BLOCK_MIN_ROWS``)."""
@@ -1178,7 +1379,8 @@ def _launch_elementwise(channel_major, rows, x3, y3, *args) -> None:
     (:func:`_ahead`) and the columns per channel after ``split``."""
     views = _row_views(x3, y3)
     if views is None:
-        channel_major.on(x3.size)(x3, *args, _zero(x3), y3, _isplit(x3))
+        channel_major.on(x3.size)(x3, *args, _zero(x3), y3, _isplit(x3), _threads(),
+                                  _stream(y3, x3))
     else:
         x2, y2 = views
         rows.on(x3.size)(x2, *args, _zero(x3), y2, _tasks(x3.size, x3.shape[0]), _ahead(x2),
@@ -1265,7 +1467,8 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
     views = _row_views(x3, dy3, dx3)
     if views is None:
         isplit = _isplit(x3)
-        _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, dx3, isplit,
+        _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, dx3, isplit, _threads(),
+                                         _stream(dx3, x3, dy3),
                                          np.empty(x3.shape[0] * x3.shape[1] * isplit))
     else:
         x2, dy2, dx2 = views
@@ -1319,7 +1522,7 @@ def train_ready(x3, w, b, eps, relu, y3):
             y2, mean, var, _ahead(x2), inner)
     else:
         _train_fused.on(x3.size)(x3, w, b, float(eps), relu, _config.CPU_BLOCK, _zero(x3),
-                                 np.empty((C, 4), _arith(x3)), y3, mean, var)
+                                 np.empty((C, 4), _arith(x3)), y3, mean, var, _stream(y3, x3))
     return mean, var
 
 
@@ -1361,5 +1564,5 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
     else:
         _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK,
                                     _zero(x3), np.empty((C, 5), _arith(x3)), np.empty(C), dx3,
-                                    db, dw)
+                                    db, dw, _stream(dx3, x3, dy3))
     return dw, db

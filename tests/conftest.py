@@ -112,9 +112,10 @@ def cpu_path(request, monkeypatch):
     small enough, and channel-major input kept channel-major however short
     its runs), through the parallel two-pass kernels (fusion off, and every
     input treated as too large for the cache, so the loops meant for input
-    streamed from memory run; contiguous channel-major input with short runs
-    takes the rows kernels, numbn._cpu._row_views), and through the serial
-    twins of the kernels."""
+    streamed from memory run, and every output the kernels can store
+    non-temporally is; contiguous channel-major input with short runs takes
+    the rows kernels, numbn._cpu._row_views), and through the serial twins
+    of the kernels."""
     from numbn import _config
 
     monkeypatch.setattr(_config, "CPU_FUSED_MAX_SLAB_BYTES",
@@ -123,6 +124,7 @@ def cpu_path(request, monkeypatch):
         monkeypatch.setattr(_config, "CPU_ROWS_MAX_INNER", 0)
     if request.param == "two-pass":
         monkeypatch.setattr(_config, "CPU_CACHE_BYTES", 0)
+        monkeypatch.setattr(_config, "CPU_STREAM_MIN_BYTES", 0)
     if request.param == "serial":
         monkeypatch.setattr(_config, "CPU_PARALLEL_MIN", 1 << 62)
     return request.param
