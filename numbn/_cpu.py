@@ -1143,7 +1143,7 @@ def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, z
     for c in range(C):
         mc, invc, ac, tc = _backward_vectors(mean, inv, w, b, c)
         _coefficients_in_dtype(coef, c, mc, ac, tc)
-    cols = _spread(coef, g)
+    cols = _spread(coef[:3], g)  # rows 3 and 4 are filled below, then spread
     for s in prange(nsplit):
         sink[s] = _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, cols[0], cols[1],
                              cols[2], relu, block_rows, zero, psum[s], pdot[s], ahead)
