@@ -55,8 +55,8 @@ CPU_ROWS_MAX_INNER = 63
 CPU_ROWS_MAX_WORK = 655_360
 
 #: Outputs of at least this many bytes are stored non-temporally by the
-#: channel-major elementwise passes (y of the forward and eval, dx of the
-#: backward; ``numbn._cpu._stream_line``): each cache line goes to memory
+#: elementwise passes, channel-major and rows (y of the forward and eval, dx
+#: of the backward; ``numbn._cpu._stream_line``): each cache line goes to memory
 #: without first being read, so the pass moves 2|x| (3|x| for dx) instead of
 #: 3|x| (4|x|). 3/4 of the 32 MiB last-level cache of the machine this was
 #: tuned on, the rule glibc's memcpy uses: a smaller output may still be in

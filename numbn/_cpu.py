@@ -45,8 +45,9 @@ float32 copy of anything the size of x. In the docstrings below, "x's dtype"
 means this arithmetic dtype: float32 for float16 x.
 
 Outputs of ``_config.CPU_STREAM_MIN_BYTES`` or more are written by the
-channel-major elementwise passes with non-temporal stores, a whole cache line
-at a time (:func:`_stream_line`, :func:`_stream_apply_line`): an ordinary
+elementwise passes with non-temporal stores, a whole cache line at a time
+(:func:`_stream_line`, :func:`_stream_apply_line`; the rows kernels take a
+task's rows as one run of memory, :func:`_stream_row_line`): an ordinary
 store reads each line before writing it, a third of the pass's traffic.
 
 ``fastmath`` is limited to ``reassoc`` and ``contract``: reassociation lets
@@ -446,9 +447,15 @@ def _affine_run(xr, yr, m, a, t, relu, zero, stream):
 def _lines(yr):
     """``(head, body, line)``: the whole 64-byte cache lines of the 1-D
     contiguous ``yr`` are its elements ``head:body``, ``line`` to a line."""
-    line = 64 // yr.itemsize
-    head = min((64 - yr.ctypes.data % 64) % 64 // yr.itemsize, yr.shape[0])
-    return head, head + (yr.shape[0] - head) // line * line, line
+    return _line_split(yr.ctypes.data, yr.shape[0], yr.itemsize)
+
+
+@njit(inline="always")
+def _line_split(address, n, size):
+    """:func:`_lines` of ``n`` contiguous elements of ``size`` bytes at ``address``."""
+    line = 64 // size
+    head = min((64 - address % 64) % 64 // size, n)
+    return head, head + (n - head) // line * line, line
 
 
 @njit(inline="always")
@@ -496,7 +503,10 @@ def _prefetch(typingctx, arr, idx):
         aryty, idxty = signature.args
         ary = context.make_array(aryty)(context, builder, args[0])
         i = context.cast(builder, args[1], idxty, numba.types.intp)
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [i])
+        if aryty.ndim == 1:
+            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [i])
+        else:  # element i in memory order of a C-contiguous array
+            ptr = builder.gep(ary.data, [i])
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
@@ -553,6 +563,23 @@ class _Halves:
                                                            self.bits.as_pointer()), align=32)
         store.set_metadata("nontemporal", self.nontemporal)
 
+    def coefficients(self, values, types, at):
+        """The intrinsic's scalar arguments as vectors: a number splatted, a
+        1-D array of the arithmetic dtype (per-column coefficients of a
+        rows view) loaded at ``at``, as the line's elements; flags as they are."""
+        b = self.builder
+        out = []
+        for v, ty in zip(values, types):
+            if isinstance(ty, numba.types.Array):
+                out.append(b.load(b.bitcast(b.gep(v.data, [at]), self.arith.as_pointer()),
+                                  align=8 if isinstance(self.arith.element, ir.DoubleType)
+                                  else 4))
+            elif isinstance(ty, numba.types.Float):
+                out.append(self.splat(v))
+            else:
+                out.append(v)
+        return out
+
     def where(self, keep, v):
         """``v`` where ``keep``, else 0."""
         return self.builder.select(keep, v, self.zero)
@@ -562,30 +589,40 @@ class _Halves:
         return b.fadd(b.fmul(b.fsub(x, m), a), t)
 
 
-def _line_typing(n_arrays, compute, args):
+def _line_typing(n_arrays, compute, args, indexed=False):
     """The typing of an intrinsic ``f(*arrays, i, *scalars)`` (Numba types
     ``args``) that writes the 64-byte line at ``arrays[-1][i]`` (aligned)
     non-temporally, from ``compute(h, loaded, scalars)``, ``h`` a
     :class:`_Halves`, ``loaded`` the other arrays' values at the same
-    elements. A normal store first reads the line into the cache,
-    a third of an elementwise pass's traffic; LLVM makes no aligned
-    non-temporal vector store of a plain loop's (its alignment is unknown
-    there), so the line is written as two explicit 32-byte vectors. The
-    arithmetic is in the scalars' type (float32 for float16), and Numba's
-    fastmath pass flags it as the rest of the kernel."""
+    elements, ``scalars`` as vectors (:meth:`_Halves.coefficients`: a
+    number for every element, or, ``indexed``, per-column coefficients of a
+    rows view loaded from index ``j``, the argument after ``i``). A normal
+    store first reads the line into the cache, a third of an elementwise
+    pass's traffic; LLVM makes no aligned non-temporal vector store of a
+    plain loop's (its alignment is unknown there), so the line is written
+    as two explicit 32-byte vectors.
+    The arithmetic is in the coefficients' type (float32 for float16), and
+    Numba's fastmath pass flags it as the rest of the kernel."""
     size = args[0].dtype.bitwidth // 8
+    first = n_arrays + 1 + indexed
+    kinds = args[first:]
+    arith = kinds[0].dtype if isinstance(kinds[0], numba.types.Array) else kinds[0]
 
     def codegen(context, builder, signature, values):
         arrays = [context.make_array(ty)(context, builder, v)
                   for ty, v in zip(signature.args[:n_arrays], values[:n_arrays])]
-        start = context.cast(builder, values[n_arrays], signature.args[n_arrays],
-                             numba.types.intp)
-        scalars = values[n_arrays + 1:]
-        h = _Halves(builder, size, scalars[0].type)
+        start, coef_start = (context.cast(builder, values[k], signature.args[k],
+                                          numba.types.intp)
+                             for k in (n_arrays, first - 1))
+        scalars = [context.make_array(ty)(context, builder, v)
+                   if isinstance(ty, numba.types.Array) else v
+                   for ty, v in zip(kinds, values[first:])]
+        h = _Halves(builder, size, context.get_value_type(arith))
         for half in range(2):
             at = h.at(start, half)
             loaded = [h.load(arr.data, at) for arr in arrays[:-1]]
-            h.stream(compute(h, loaded, scalars), arrays[-1].data, at)
+            coefs = h.coefficients(scalars, kinds, h.at(coef_start, half))
+            h.stream(compute(h, loaded, coefs), arrays[-1].data, at)
         return context.get_dummy_value()
     return numba.types.void(*args), codegen
 
@@ -595,7 +632,7 @@ def _affine_line(h, loaded, scalars):
     b = h.builder
     (x,) = loaded
     m, a, t, relu = scalars
-    v = h.affine(x, h.splat(m), h.splat(a), h.splat(t))
+    v = h.affine(x, m, a, t)
     return h.where(b.not_(b.and_(h.flag(relu), b.fcmp_ordered("<", v, h.zero))), v)  # _relu_bn
 
 
@@ -604,7 +641,7 @@ def _apply_line(h, loaded, scalars):
     being ``dy`` gated by the fused ReLU."""
     b = h.builder
     dy, x = loaded
-    m, a, t, bc, dc = (h.splat(v) for v in scalars[:3] + scalars[4:])
+    m, a, t, bc, dc = scalars[:3] + scalars[4:]
     above = b.fcmp_ordered(">", h.affine(x, m, a, t), h.zero)
     g = h.where(b.or_(b.not_(h.flag(scalars[3])), above), dy)  # _gate
     return b.fadd(b.fadd(b.fmul(g, a), b.fmul(b.fsub(x, m), bc)), dc)
@@ -620,6 +657,20 @@ def _stream_line(typingctx, xr, yr, i, m, a, t, relu):
 def _stream_apply_line(typingctx, gr, xr, dr, i, m, a, t, relu, b, d):
     """:func:`_apply_run` for the line at ``dr[i]`` (:func:`_line_typing`)."""
     return _line_typing(3, _apply_line, (gr, xr, dr, i, m, a, t, relu, b, d))
+
+
+@intrinsic
+def _stream_row_line(typingctx, x, y, i, j, m, a, t, relu):
+    """:func:`_stream_line` for C-contiguous rows views ``x`` and ``y`` taken
+    as one run of memory (element ``i`` in memory order), ``m, a, t`` the
+    tiled per-column coefficients from column ``j`` (:func:`_tiled`)."""
+    return _line_typing(2, _affine_line, (x, y, i, j, m, a, t, relu), indexed=True)
+
+
+@intrinsic
+def _stream_row_apply_line(typingctx, gr, xr, dr, i, j, m, a, t, relu, b, d):
+    """:func:`_stream_apply_line` as :func:`_stream_row_line`."""
+    return _line_typing(3, _apply_line, (gr, xr, dr, i, j, m, a, t, relu, b, d), indexed=True)
 
 
 @intrinsic
@@ -800,8 +851,8 @@ def _infer_channel_major(x, mean, var, w, b, eps, relu, zero, y, isplit, parts, 
 
 @njit(inline="always")
 def _affine_row_range(x, o0, o1, m, a, t, relu, zero, y, ahead):
-    """Rows ``o0:o1`` of ``y = (x - m) * a + t`` (then ReLU): two loops, as
-    :func:`_affine_run`."""
+    """Rows ``o0:o1`` of ``y = (x - m) * a + t`` (then ReLU), ``m, a, t``
+    per column: two loops, as :func:`_affine_run`."""
     for o in range(o0, o1):
         _prefetch_rows(x, o + ahead, 1 if ahead else 0)
         xr = x[o]
@@ -814,24 +865,86 @@ def _affine_row_range(x, o0, o1, m, a, t, relu, zero, y, ahead):
                 yr[c] = _st(yr, (_ld(xr[c]) - m[c]) * a[c] + t[c])
 
 
-@_Kernel
-def _affine_rows(x, m, a, t, relu, zero, y, nsplit, ahead, g):
-    coef = _scale_coefficients(zero, m, a, t, g)
+@njit(inline="always")
+def _affine_elements(x, y, f0, f1, m, a, t, relu, zero):
+    """Elements ``f0:f1`` (in memory order) of the C-contiguous rows view
+    ``x`` into ``y``, as :func:`_affine_row_range`: the partial cache lines
+    at the ends of :func:`_affine_rows_streamed`'s span."""
+    K = x.shape[1]
+    for f in range(f0, f1):
+        o = f // K
+        c = f - o * K
+        v = (_ld(x[o, c]) - m[c]) * a[c] + t[c]
+        y[o, c] = _st(y, zero if relu and v < zero else v)
+
+
+@njit(inline="always")
+def _affine_rows_streamed(x, o0, o1, m, a, t, relu, zero, y, ahead):
+    """Rows ``o0:o1`` of the C-contiguous rows view ``x`` into ``y`` as one
+    run of memory, its whole 64-byte lines of ``y`` stored non-temporally
+    (:func:`_stream_row_line`) whatever the row length, the coefficients
+    ``m, a, t`` tiled past the row's end (:func:`_tiled`) for lines that
+    cross into the next row; x prefetched ``ahead`` rows ahead
+    (:func:`_ahead`; without it the streamed apply of (32, 56, 56, 64) took
+    1.3x the time of the ordinary stores, with it 0.8x; measured). The
+    caller's task then ends with :func:`_store_fence`."""
+    K = x.shape[1]
+    f0, f1 = o0 * K, o1 * K
+    ahead *= K
+    head, body, line = _line_split(y.ctypes.data + f0 * y.itemsize, f1 - f0, y.itemsize)
+    _affine_elements(x, y, f0, f0 + head, m, a, t, relu, zero)
+    col = head % K
+    for i in range(f0 + head, f0 + body, line):
+        if ahead:
+            _prefetch(x, min(i + ahead, f1 - 1))
+        _stream_row_line(x, y, i, col, m, a, t, relu)
+        col += line
+        while col >= K:
+            col -= K
+    _affine_elements(x, y, f0 + body, o1 * K, m, a, t, relu, zero)
+
+
+@njit(inline="always")
+def _tiled(coef, line):
+    """The per-column coefficient rows ``coef`` (``(r, K)``) extended by
+    ``line`` columns that start again from column 0, so that a line's
+    coefficients are adjacent even where it crosses a row's end."""
+    K = coef.shape[1]
+    out = np.empty((coef.shape[0], K + line), coef.dtype)
+    for r in range(coef.shape[0]):
+        for j in range(K + line):
+            out[r, j] = coef[r, j % K]
+    return out
+
+
+@njit(inline="always")
+def _affine_row_tasks(x, coef, relu, zero, y, nsplit, ahead, stream):
+    """The rows elementwise forward: ``nsplit`` tasks of adjacent rows;
+    with ``stream``, each task's rows as one run of memory
+    (:func:`_affine_rows_streamed`), ending with a fence."""
     R = x.shape[0]
+    tiled = _tiled(coef, 64 // y.itemsize) if stream else coef
     for s in prange(nsplit):
-        _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
-                          relu, zero, y, ahead)
+        o0, o1 = s * R // nsplit, (s + 1) * R // nsplit
+        if stream:
+            _affine_rows_streamed(x, o0, o1, tiled[0], tiled[1], tiled[2], relu, zero, y, ahead)
+            _store_fence()
+        else:
+            _affine_row_range(x, o0, o1, coef[0], coef[1], coef[2], relu, zero, y, ahead)
 
 
 @_Kernel
-def _infer_rows(x, mean, var, w, b, eps, relu, zero, y, nsplit, ahead, g):
+def _affine_rows(x, m, a, t, relu, zero, y, nsplit, ahead, g, stream):
+    _affine_row_tasks(x, _scale_coefficients(zero, m, a, t, g), relu, zero, y, nsplit, ahead,
+                      stream)
+
+
+@_Kernel
+def _infer_rows(x, mean, var, w, b, eps, relu, zero, y, nsplit, ahead, g, stream):
     """Inference forward of a rows view (:func:`_row_views`; see
     :func:`_infer_channel_major`)."""
-    coef = _eval_coefficients(zero, mean, var, w, b, eps, g)
-    R = x.shape[0]
-    for s in prange(nsplit):
-        _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
-                          relu, zero, y, ahead)
+    _affine_row_tasks(x, _eval_coefficients(zero, mean, var, w, b, eps, g), relu, zero, y,
+                      nsplit, ahead, stream)
 
 
 @_Kernel
@@ -995,12 +1108,63 @@ def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead, zero):
     return np.float64(sd)
 
 
-@_Kernel
-def _apply_rows(dy, x, m, a, t, relu, b, d, dx, nsplit, ahead, zero, sink):
+@njit(inline="always")
+def _apply_elements(dy, x, dx, f0, f1, m, a, t, relu, b, d, zero):
+    """Elements ``f0:f1`` (in memory order) of the C-contiguous rows views,
+    as :func:`_apply_row_range` (:func:`_affine_elements`)."""
+    K = x.shape[1]
+    for f in range(f0, f1):
+        o = f // K
+        c = f - o * K
+        xv = _ld(x[o, c])
+        g = _gate(_ld(dy[o, c]), xv, m[c], a[c], t[c], relu, zero)
+        dx[o, c] = _st(dx, g * a[c] + (xv - m[c]) * b[c] + d[c])
+
+
+@njit(inline="always")
+def _apply_rows_streamed(dy, x, o0, o1, m, a, t, relu, b, d, dx, zero, ahead):
+    """Rows ``o0:o1`` of the backward apply as :func:`_affine_rows_streamed`
+    (:func:`_stream_row_apply_line`), x and dy prefetched."""
+    K = x.shape[1]
+    f0, f1 = o0 * K, o1 * K
+    ahead *= K
+    head, body, line = _line_split(dx.ctypes.data + f0 * dx.itemsize, f1 - f0, dx.itemsize)
+    _apply_elements(dy, x, dx, f0, f0 + head, m, a, t, relu, b, d, zero)
+    col = head % K
+    for i in range(f0 + head, f0 + body, line):
+        if ahead:
+            _prefetch(x, min(i + ahead, f1 - 1))
+            _prefetch(dy, min(i + ahead, f1 - 1))
+        _stream_row_apply_line(dy, x, dx, i, col, m, a, t, relu, b, d)
+        col += line
+        while col >= K:
+            col -= K
+    _apply_elements(dy, x, dx, f0 + body, o1 * K, m, a, t, relu, b, d, zero)
+
+
+@njit(inline="always")
+def _apply_row_tasks(dy, x, coef, relu, dx, nsplit, ahead, zero, stream, sink):
+    """The rows backward apply, ``coef`` its rows m, a, t, b, d per column:
+    ``nsplit`` tasks of adjacent rows, each adding its sum of ``dy`` to
+    ``sink`` (:func:`_gate`); with ``stream``, each task's rows as one run
+    of memory instead (:func:`_apply_rows_streamed`, no sink), ending with a
+    fence."""
     R = x.shape[0]
+    tiled = _tiled(coef, 64 // dx.itemsize) if stream else coef
     for s in prange(nsplit):
-        sink[s] = _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu,
-                                   b, d, dx, ahead, zero)
+        o0, o1 = s * R // nsplit, (s + 1) * R // nsplit
+        if stream:
+            _apply_rows_streamed(dy, x, o0, o1, tiled[0], tiled[1], tiled[2], relu, tiled[3],
+                                 tiled[4], dx, zero, ahead)
+            _store_fence()
+        else:
+            sink[s] += _apply_row_range(dy, x, o0, o1, coef[0], coef[1], coef[2], relu,
+                                        coef[3], coef[4], dx, ahead, zero)
+
+
+@_Kernel
+def _apply_rows(dy, x, coef, relu, dx, nsplit, ahead, zero, stream, sink):
+    _apply_row_tasks(dy, x, coef, relu, dx, nsplit, ahead, zero, stream, sink)
 
 
 @njit(inline="always")
@@ -1109,7 +1273,7 @@ def _coefficients_in_dtype(coef, c, m, a, t):
 
 @_Kernel
 def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y, mean, var,
-                ahead, g):
+                ahead, g, stream):
     """Training forward of a rows view (:func:`_row_views`) in one call:
     per-task statistics of each column, their merge (and each channel's
     ``g`` columns'), the coefficients, then normalisation of the same row
@@ -1125,15 +1289,13 @@ def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y,
         cmean, cvar = np.empty(x.shape[1]), np.empty(x.shape[1])
         _merge_partials(pn, pmean, pm2, cmean, cvar)
         _merge_groups(cmean, cvar, g, mean, var)
-    coef = _eval_coefficients(zero, mean, var, w, b, eps, g)
-    for s in prange(nsplit):
-        _affine_row_range(x, s * R // nsplit, (s + 1) * R // nsplit, coef[0], coef[1], coef[2],
-                          relu, zero, y, ahead)
+    _affine_row_tasks(x, _eval_coefficients(zero, mean, var, w, b, eps, g), relu, zero, y,
+                      nsplit, ahead, stream)
 
 
 @_Kernel
 def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, zero, ahead,
-                   coef, psum, pdot, sink, dx, db, dw, g):
+                   coef, psum, pdot, sink, dx, db, dw, g, stream):
     """Backward of a rows view (:func:`_row_views`) in one call: per-task
     sums of each column, their merge (and each channel's ``g`` columns'),
     the coefficients, then dx over the same row blocks by the same tasks.
@@ -1174,10 +1336,7 @@ def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, z
         coef[3, c] = bc
         coef[4, c] = dc - shift * bc
     cols = _spread(coef, g)
-    for s in prange(nsplit):
-        sink[s] += _apply_row_range(dy, x, s * R // nsplit, (s + 1) * R // nsplit, cols[0],
-                                    cols[1], cols[2], relu, cols[3], cols[4], dx, ahead,
-                                    zero)
+    _apply_row_tasks(dy, x, cols, relu, dx, nsplit, ahead, zero, stream, sink)
 
 
 @njit(cache=True, error_model="numpy")  # no fastmath: as _reference.update_running
@@ -1321,14 +1480,18 @@ def _ahead(x2) -> int:
     return max(1, _config.CPU_ROWS_STREAM_AHEAD_BYTES // max(1, x2.shape[1] * x2.itemsize))
 
 
-def _stream(y3, *read) -> bool:
-    """Whether the channel-major kernels store ``y3`` non-temporally
-    (:func:`_stream_line`): when it has at least
-    ``_config.CPU_STREAM_MIN_BYTES``, and its inner runs and those of the
-    arrays ``read`` beside it are contiguous (the line intrinsics load and
-    store whole vectors)."""
-    return (y3.nbytes >= _config.CPU_STREAM_MIN_BYTES
-            and all(a.strides[2] == a.itemsize for a in (y3, *read)))
+def _stream(y, *read) -> bool:
+    """Whether the kernels store ``y`` non-temporally (:func:`_stream_line`):
+    when it has at least ``_config.CPU_STREAM_MIN_BYTES``, and, for a
+    channel-major view, its inner runs and those of the arrays ``read``
+    beside it are contiguous (the line intrinsics load and store whole
+    vectors), or, for a rows view (:func:`_row_views`), all are C-contiguous
+    (the rows kernels then stream them as one run, :func:`_stream_row_line`)."""
+    if y.nbytes < _config.CPU_STREAM_MIN_BYTES:
+        return False
+    if y.ndim == 2:
+        return all(a.flags.c_contiguous for a in (y, *read))
+    return all(a.strides[2] == a.itemsize for a in (y, *read))
 
 
 def _block_rows(x2) -> int:
@@ -1380,10 +1543,12 @@ def _elementwise(channel_major, rows, x3, y3, *args) -> None:
 
 
 def _launch_elementwise(channel_major, rows, x3, y3, *args) -> None:
-    """``kernel(x, *args, zero, y, split)`` on a non-empty ``x3`` (float32,
-    float64 or float16's bits, :func:`_bits`) into ``y3`` of its dtype; the
-    rows kernel, where :func:`_row_views` serves, with ``ahead``
-    (:func:`_ahead`) and the columns per channel after ``split``."""
+    """``kernel(x, *args, zero, y, split, ...)`` on a non-empty ``x3``
+    (float32, float64 or float16's bits, :func:`_bits`) into ``y3`` of its
+    dtype: the channel-major kernel with the parts and whether to stream
+    (:func:`_stream`) after ``split``, or, where :func:`_row_views` serves,
+    the rows kernel with ``ahead`` (:func:`_ahead`), the columns per channel
+    and whether to stream."""
     views = _row_views(x3, y3)
     if views is None:
         channel_major.on(x3.size)(x3, *args, _zero(x3), y3, _isplit(x3), _threads(),
@@ -1391,7 +1556,7 @@ def _launch_elementwise(channel_major, rows, x3, y3, *args) -> None:
     else:
         x2, y2 = views
         rows.on(x3.size)(x2, *args, _zero(x3), y2, _tasks(x3.size, x3.shape[0]), _ahead(x2),
-                         x3.shape[2])
+                         x3.shape[2], _stream(y2, x2))
 
 
 def normalize(x3, m, a, t, relu, y3) -> None:
@@ -1479,10 +1644,10 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
                                          np.empty(x3.shape[0] * x3.shape[1] * isplit))
     else:
         x2, dy2, dx2 = views
-        m, a, t, b, d = _repeat((m, a, t, b, d), x3.shape[2])
+        coef = np.stack(_repeat((m, a, t, b, d), x3.shape[2]))
         nsplit = _tasks(x3.size, x2.shape[0])
-        _apply_rows.on(x3.size)(dy2, x2, m, a, t, relu, b, d, dx2, nsplit, _ahead(x2),
-                                _zero(x3), np.empty(nsplit))
+        _apply_rows.on(x3.size)(dy2, x2, coef, relu, dx2, nsplit, _ahead(x2), _zero(x3),
+                                _stream(dx2, x2, dy2), np.zeros(nsplit))
 
 
 def _fusable(x3) -> bool:
@@ -1526,7 +1691,7 @@ def train_ready(x3, w, b, eps, relu, y3):
         _train_rows.on(x3.size)(
             x2, w, b, float(eps), relu, nsplit, _block_rows(x2), _zero(x3),
             np.empty(nsplit), np.empty((nsplit, x2.shape[1])), np.empty((nsplit, x2.shape[1])),
-            y2, mean, var, _ahead(x2), inner)
+            y2, mean, var, _ahead(x2), inner, _stream(y2, x2))
     else:
         _train_fused.on(x3.size)(x3, w, b, float(eps), relu, _config.CPU_BLOCK, _zero(x3),
                                  np.empty((C, 4), _arith(x3)), y3, mean, var, _stream(y3, x3))
@@ -1567,7 +1732,8 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
         _backward_rows.on(x3.size)(
             dy2, x2, mean, inv, w, b, relu, training, nsplit, _block_rows(x2), _zero(x3),
             _ahead(x2), np.empty((5, C), _arith(x3)), np.empty((nsplit, cols)),
-            np.empty((nsplit, cols)), np.empty(nsplit), dx2, db, dw, inner)
+            np.empty((nsplit, cols)), np.empty(nsplit), dx2, db, dw, inner,
+            _stream(dx2, x2, dy2))
     else:
         _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK,
                                     _zero(x3), np.empty((C, 5), _arith(x3)), np.empty(C), dx3,

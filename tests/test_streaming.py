@@ -3,8 +3,9 @@ outputs are written a cache line at a time past the cache. The streamed
 kernels must give what the ordinary ones give (to the bit, but for the
 rounding of the fused backward's plain dx), for every dtype, the
 fused ReLU (its boundary and NaN included), outputs at any alignment, and
-every kernel that streams: the fused training forward and backward, the
-two-pass normalisation and apply, and the eval forward."""
+every kernel that streams, channel-major and rows (channels last): the
+fused training forward and backward, the two-pass normalisation and apply,
+and the eval forward."""
 
 from __future__ import annotations
 
@@ -16,9 +17,19 @@ import numbn
 from numbn import _config, _cpu
 from numbn import _reference as ref
 
-#: (N, C, L): channel slabs fused (C >= 4), two-pass (C < 4), runs shorter
-#: than a cache line, runs of several lines with a partial one at each end.
-SHAPES = [(4, 8, 1000), (5, 3, 901), (3, 6, 11), (2, 16, 515)]
+#: (shape, channel axis). Channel-major (N, C, L): channel slabs fused
+#: (C >= 4), two-pass (C < 4), runs shorter than a cache line (the rows
+#: kernels take those), runs of several lines with a partial one at each end.
+#: Channels last, the rows kernels: rows of whole lines (64 channels), rows
+#: of several lines with partial ones at their ends (130), rows shorter than
+#: a line (20).
+SHAPES = [((4, 8, 1000), 1), ((5, 3, 901), 1), ((3, 6, 11), 1), ((2, 16, 515), 1),
+          ((37, 64), 1), ((5, 7, 48), -1), ((4, 33, 130), -1), ((3, 5, 20), -1)]
+
+
+def _id(case):
+    shape, axis = case
+    return "x".join(map(str, shape)) + ("" if axis == 1 else "-last")
 
 
 def _both(monkeypatch, call):
@@ -29,30 +40,31 @@ def _both(monkeypatch, call):
     return plain, call()
 
 
-def _inputs(rng, shape, dtype):
+def _inputs(rng, shape, axis, dtype):
     x = make(rng, shape, dtype)
     x.flat[::53] = np.nan
-    c = shape[1]
+    c = shape[axis]
     pdt = np.float32 if dtype == np.float16 else dtype
     return x, make(rng, c, pdt, 1.0, 0.5), make(rng, c, pdt, 0.0, 0.5)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", SHAPES, ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("offset", [0, 1, 5])
-def test_forward_streamed_as_stored(rng, monkeypatch, shape, dtype, activation, training,
+def test_forward_streamed_as_stored(rng, monkeypatch, case, dtype, activation, training,
                                     offset):
-    x, w, b = _inputs(rng, shape, dtype)
-    c = shape[1]
+    shape, axis = case
+    x, w, b = _inputs(rng, shape, axis, dtype)
+    c = shape[axis]
     rm, rv = make(rng, c, w.dtype, 0.0, 1.0), make(rng, c, w.dtype, 2.0, 0.5)
     buf = np.empty(x.size + offset, dtype)  # an output at any alignment
 
     def run():
         out = buf[offset:].reshape(shape)
         numbn.batch_norm(x, rm.copy(), rv.copy(), w, b, training, activation=activation,
-                         out=out, backend="cpu")
+                         axis=axis, out=out, backend="cpu")
         return out.copy()
 
     plain, streamed = _both(monkeypatch, run)
@@ -60,28 +72,29 @@ def test_forward_streamed_as_stored(rng, monkeypatch, shape, dtype, activation, 
     assert np.isnan(streamed).any()
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", SHAPES, ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "frozen"])
-def test_backward_streamed_as_stored(rng, monkeypatch, shape, dtype, activation, training):
-    x, w, b = _inputs(rng, shape, dtype)
+def test_backward_streamed_as_stored(rng, monkeypatch, case, dtype, activation, training):
+    shape, axis = case
+    x, w, b = _inputs(rng, shape, axis, dtype)
     x = np.nan_to_num(x)
     dy = make(rng, shape, dtype, 0.0, 1.0)
-    _, mean, invstd = numbn.batch_norm_forward(x, w, b, backend="cpu")
+    _, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis, backend="cpu")
     # Inputs exactly at the ReLU's boundary, x_hat * w + b == 0: bias 0 and
     # x equal to a mean that x's dtype holds exactly.
     mean = mean.astype(dtype).astype(mean.dtype)
     b[0] = 0
-    x[:, 0, ::7] = mean[0]
+    np.moveaxis(x, axis, 1)[:, 0][..., ::7] = mean[0]
 
     def run():
         return numbn.batch_norm_backward(dy, x, mean, invstd, w, bias=b, training=training,
-                                         activation=activation, backend="cpu")
+                                         activation=activation, axis=axis, backend="cpu")
 
     plain, streamed = _both(monkeypatch, run)
     # dx to rounding: with reassociation allowed (fastmath), LLVM contracts
-    # the multiply-adds of the fused kernel's plain loop in another order
+    # the multiply-adds of the fused kernels' plain loops in another order
     # than the streamed lines' (a few units in the last place, measured).
     eps = np.finfo(dtype).eps
     scale = np.abs(plain[0]).max()
@@ -114,18 +127,24 @@ def test_streaming_threshold(monkeypatch):
     assert not _cpu._stream(x3[:, :, :127])
     strided = np.empty((2, 4, 256), np.float32)[:, :, ::2]
     assert not _cpu._stream(x3, strided) and not _cpu._stream(strided)
+    rows = np.empty((8, 128), np.float32)  # a rows view: streamed as one run
+    assert _cpu._stream(rows, rows[:, :])
+    assert not _cpu._stream(np.empty((16, 128))[::2])  # rows apart
+    assert not _cpu._stream(rows, np.empty((8, 256), np.float32)[:, ::2])
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_strided_runs_are_not_streamed(rng, monkeypatch, training):
-    """Runs with a stride (a view of every other element) take the ordinary
-    stores, whatever the threshold."""
-    x = make(rng, (3, 5, 400), np.float32)[:, :, ::2]
-    w, b = make(rng, 5, np.float32, 1.0, 0.5), make(rng, 5, np.float32)
-    rm, rv = np.zeros(5, np.float32), np.ones(5, np.float32)
+@pytest.mark.parametrize("axis", [1, -1], ids=["runs", "channels-last"])
+def test_strided_runs_are_not_streamed(rng, monkeypatch, training, axis):
+    """Runs (or channels-last rows) with a stride, views of every other
+    element, take the ordinary stores, whatever the threshold."""
+    x = make(rng, (3, 5, 400) if axis == 1 else (3, 40, 80), np.float32)[:, :, ::2]
+    c = x.shape[axis]
+    w, b = make(rng, c, np.float32, 1.0, 0.5), make(rng, c, np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     plain, streamed = _both(monkeypatch, lambda: numbn.batch_norm(
-        x, rm.copy(), rv.copy(), w, b, training, backend="cpu"))
+        x, rm.copy(), rv.copy(), w, b, training, axis=axis, backend="cpu"))
     np.testing.assert_array_equal(streamed, plain)
-    want = (ref.forward_train(x, w, b)[0] if training
-            else ref.normalize(x, rm, rv, w, b))
+    want = (ref.forward_train(x, w, b, axis=axis)[0] if training
+            else ref.normalize(x, rm, rv, w, b, axis=axis))
     close(streamed, want, np.float32)
