@@ -22,9 +22,10 @@ from numbn import _reference as ref
 #: kernels take those), runs of several lines with a partial one at each end.
 #: Channels last, the rows kernels: rows of whole lines (64 channels), rows
 #: of several lines with partial ones at their ends (130), rows shorter than
-#: a line (20).
+#: a line (20), and lines that span several rows (7).
 SHAPES = [((4, 8, 1000), 1), ((5, 3, 901), 1), ((3, 6, 11), 1), ((2, 16, 515), 1),
-          ((37, 64), 1), ((5, 7, 48), -1), ((4, 33, 130), -1), ((3, 5, 20), -1)]
+          ((37, 64), 1), ((5, 7, 48), -1), ((4, 33, 130), -1), ((3, 5, 20), -1),
+          ((50, 3, 7), -1)]
 
 
 def _id(case):
