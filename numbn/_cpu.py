@@ -521,9 +521,10 @@ _STORED = {4: ir.FloatType(), 8: ir.DoubleType(), 2: ir.HalfType()}
 
 
 class _Halves:
-    """LLVM IR for the two 32-byte halves of a 64-byte cache line of 1-D
-    contiguous arrays whose elements have ``size`` bytes (float16 as its
-    bits), computed on in vectors of the scalar type ``arith``."""
+    """LLVM IR for the two 32-byte halves of a 64-byte cache line of
+    contiguous arrays (1-D, or C-contiguous rows views indexed in memory
+    order) whose elements have ``size`` bytes (float16 as its bits),
+    computed on in vectors of the scalar type ``arith``."""
 
     def __init__(self, builder, size, arith):
         self.builder, self.size, self.lanes = builder, size, 32 // size
@@ -874,8 +875,9 @@ def _affine_elements(x, y, f0, f1, m, a, t, relu, zero):
     for f in range(f0, f1):
         o = f // K
         c = f - o * K
-        v = (_ld(x[o, c]) - m[c]) * a[c] + t[c]
-        y[o, c] = _st(y, zero if relu and v < zero else v)
+        xv = _ld(x[o, c])
+        y[o, c] = _st(y, _relu_bn(xv, m[c], a[c], t[c], zero) if relu
+                      else (xv - m[c]) * a[c] + t[c])
 
 
 @njit(inline="always")
@@ -901,7 +903,7 @@ def _affine_rows_streamed(x, o0, o1, m, a, t, relu, zero, y, ahead):
         col += line
         while col >= K:
             col -= K
-    _affine_elements(x, y, f0 + body, o1 * K, m, a, t, relu, zero)
+    _affine_elements(x, y, f0 + body, f1, m, a, t, relu, zero)
 
 
 @njit(inline="always")
@@ -1139,7 +1141,7 @@ def _apply_rows_streamed(dy, x, o0, o1, m, a, t, relu, b, d, dx, zero, ahead):
         col += line
         while col >= K:
             col -= K
-    _apply_elements(dy, x, dx, f0 + body, o1 * K, m, a, t, relu, b, d, zero)
+    _apply_elements(dy, x, dx, f0 + body, f1, m, a, t, relu, b, d, zero)
 
 
 @njit(inline="always")
