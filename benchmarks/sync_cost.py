@@ -16,6 +16,11 @@ machine hits all alike:
   backend fuses statistics and normalisation per channel while a channel's
   slab is in cache, which a synchronised layer cannot do (the global
   statistics arrive between the passes);
+* ``BatchNorm`` with streamed stores (:class:`Streamed`): the ranks of one
+  machine share its last-level cache, and SyncBatchNorm chooses its stores by
+  what all of them write (non-temporal above ``_config.CPU_STREAM_MIN_BYTES``),
+  which a BatchNorm, knowing nothing of the other ranks, cannot; this row
+  shows what the same choice gives BatchNorm;
 * ``SyncBatchNorm`` over a :class:`Mirror` communicator, which answers at
   once as if every rank held this rank's batch: the synchronised code path
   without communication or waiting;
@@ -28,7 +33,7 @@ them, what is left when the machine does not get in the way (on a shared
 machine a rank descheduled while the other waits in a collective makes the
 medians noisy). The time SyncBatchNorm spends inside its two collectives,
 waiting for the slower rank included, and the latency of the collectives alone
-(the forward's Allgather of 2C + 2 float64 values per rank, the backward's
+(the forward's Allgather of 2C + 3 float64 values per rank, the backward's
 Allreduce of 2C + 1) are reported too. Nothing is timed before every layer has
 been compiled and the synchronised result checked (global mean 0 and variance
 1 per channel).
@@ -92,6 +97,28 @@ class Mirror:
         return [obj] * self.size
 
 
+class Streamed:
+    """A BatchNorm whose outputs are all stored non-temporally, as SyncBatchNorm's
+    are when the machine's ranks together write ``_config.CPU_STREAM_MIN_BYTES``."""
+
+    def __init__(self, bn):
+        self.bn = bn
+
+    def _streamed(self, method, arg):
+        saved = _config.CPU_STREAM_MIN_BYTES
+        _config.CPU_STREAM_MIN_BYTES = 0
+        try:
+            return method(arg)
+        finally:
+            _config.CPU_STREAM_MIN_BYTES = saved
+
+    def __call__(self, x):
+        return self._streamed(self.bn, x)
+
+    def backward(self, dy):
+        return self._streamed(self.bn.backward, dy)
+
+
 class TwoPass:
     """A BatchNorm held to the two-pass kernels, as synchronisation must be.
 
@@ -142,8 +169,8 @@ def check(comm, sbn, x, dy) -> None:
 
 
 def latency(comm, op_max, c: int, repeats: int) -> tuple[float, float]:
-    """Median seconds of one Allgather (2C + 2 values) and one Allreduce (2C + 1)."""
-    row, table = np.zeros(2 * c + 2), np.empty((comm.Get_size(), 2 * c + 2))
+    """Median seconds of one Allgather (2C + 3 values) and one Allreduce (2C + 1)."""
+    row, table = np.zeros(2 * c + 3), np.empty((comm.Get_size(), 2 * c + 3))
     sums, total = np.zeros(2 * c + 1), np.empty(2 * c + 1)
     times = {"Allgather": [], "Allreduce": []}
     for _ in range(repeats):
@@ -174,6 +201,7 @@ def main() -> None:
     rows = {  # name -> layer
         "BatchNorm": numbn.BatchNorm(shape[1]),
         "BatchNorm, two-pass kernels": TwoPass(numbn.BatchNorm(shape[1])),
+        "BatchNorm, streamed stores": Streamed(numbn.BatchNorm(shape[1])),
         "SyncBatchNorm, mirror comm": numbn.SyncBatchNorm(shape[1], comm=Mirror(size)),
         "SyncBatchNorm": numbn.SyncBatchNorm(shape[1], comm=timed),
     }
@@ -208,7 +236,7 @@ def main() -> None:
     print("  (the percentages are medians of the per-repeat ratios)")
     print(f"  SyncBatchNorm inside its 2 collectives, waiting for the slower rank included: "
           f"{np.median(inside) * 1e3:.2f} ms median")
-    print(f"  Allgather of {2 * shape[1] + 2} float64 per rank (forward): "
+    print(f"  Allgather of {2 * shape[1] + 3} float64 per rank (forward): "
           f"{gather_s * 1e6:.1f} us median")
     print(f"  Allreduce of {2 * shape[1] + 1} float64 (backward):        "
           f"{reduce_s * 1e6:.1f} us median")

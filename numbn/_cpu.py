@@ -1500,14 +1500,16 @@ def _ahead(x2) -> int:
     return max(1, _config.CPU_ROWS_STREAM_AHEAD_BYTES // max(1, x2.shape[1] * x2.itemsize))
 
 
-def _stream(y, *read) -> bool:
+def _stream(y, *read, shared=0) -> bool:
     """Whether the kernels store ``y`` non-temporally (:func:`_stream_line`):
-    when it has at least ``_config.CPU_STREAM_MIN_BYTES``, and, for a
+    when it, or ``shared`` (the bytes that the processes sharing this
+    machine's last-level cache write in the same pass: SyncBatchNorm's ranks
+    on one machine), has at least ``_config.CPU_STREAM_MIN_BYTES``, and, for a
     channel-major view, its inner runs and those of the arrays ``read``
     beside it are contiguous (the line intrinsics load and store whole
     vectors), or, for a rows view (:func:`_row_views`), all are C-contiguous
     (the rows kernels then stream them as one run, :func:`_stream_row_line`)."""
-    if y.nbytes < _config.CPU_STREAM_MIN_BYTES:
+    if max(y.nbytes, shared) < _config.CPU_STREAM_MIN_BYTES:
         return False
     if y.ndim == 2:
         return all(a.flags.c_contiguous for a in (y, *read))
@@ -1554,15 +1556,15 @@ def _isplit(x3) -> int:
     return max(1, _tasks(x3.size, inner) // max(outer * C, 1))
 
 
-def _elementwise(channel_major, rows, x3, y3, *args) -> None:
+def _elementwise(channel_major, rows, x3, y3, *args, shared=0) -> None:
     """Run the forward's elementwise kernel pair on ``x3`` into ``y3``:
     :func:`_launch_elementwise`, float16 as its bits (:func:`_bits`)."""
     if x3.size == 0:
         return
-    _launch_elementwise(channel_major, rows, _bits(x3), _bits(y3), *args)
+    _launch_elementwise(channel_major, rows, _bits(x3), _bits(y3), *args, shared=shared)
 
 
-def _launch_elementwise(channel_major, rows, x3, y3, *args) -> None:
+def _launch_elementwise(channel_major, rows, x3, y3, *args, shared=0) -> None:
     """``kernel(x, *args, zero, y, split, ...)`` on a non-empty ``x3``
     (float32, float64 or float16's bits, :func:`_bits`) into ``y3`` of its
     dtype: the channel-major kernel with the parts and whether to stream
@@ -1572,16 +1574,17 @@ def _launch_elementwise(channel_major, rows, x3, y3, *args) -> None:
     views = _row_views(x3, y3)
     if views is None:
         channel_major.on(x3.size)(x3, *args, _zero(x3), y3, _isplit(x3), _threads(),
-                                  _stream(y3, x3))
+                                  _stream(y3, x3, shared=shared))
     else:
         x2, y2 = views
         rows.on(x3.size)(x2, *args, _zero(x3), y2, _tasks(x3.size, x3.shape[0]), _ahead(x2),
-                         x3.shape[2], _stream(y2, x2))
+                         x3.shape[2], _stream(y2, x2, shared=shared))
 
 
-def normalize(x3, m, a, t, relu, y3) -> None:
-    """``y3 = (x3 - m[c]) * a[c] + t[c]``, then ReLU if ``relu`` (vectors float64)."""
-    _elementwise(_affine_channel_major, _affine_rows, x3, y3, m, a, t, relu)
+def normalize(x3, m, a, t, relu, y3, shared=0) -> None:
+    """``y3 = (x3 - m[c]) * a[c] + t[c]``, then ReLU if ``relu`` (vectors
+    float64); ``shared`` as :func:`_stream`'s."""
+    _elementwise(_affine_channel_major, _affine_rows, x3, y3, m, a, t, relu, shared=shared)
 
 
 def infer(x3, mean, var, w, b, eps, relu, y3) -> None:
@@ -1649,9 +1652,9 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
     return sum_g, sum_gx - (m - mx.astype(np.float64)) * sum_g
 
 
-def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
+def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3, shared=0) -> None:
     """``dx3 = g * a[c] + (x3 - m[c]) * b[c] + d[c]`` with ``g`` as in
-    :func:`backward_sums`."""
+    :func:`backward_sums`; ``shared`` as :func:`_stream`'s."""
     if x3.size == 0:
         return
     dy3, x3, dx3 = _bits(dy3), _bits(x3), _bits(dx3)
@@ -1660,14 +1663,14 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
     if views is None:
         isplit = _isplit(x3)
         _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, dx3, isplit, _threads(),
-                                         _stream(dx3, x3, dy3),
+                                         _stream(dx3, x3, dy3, shared=shared),
                                          np.empty(x3.shape[0] * x3.shape[1] * isplit))
     else:
         x2, dy2, dx2 = views
         coef = np.stack(_repeat((m, a, t, b, d), x3.shape[2]))
         nsplit = _tasks(x3.size, x2.shape[0])
         _apply_rows.on(x3.size)(dy2, x2, coef, relu, dx2, nsplit, _ahead(x2), _zero(x3),
-                                _stream(dx2, x2, dy2), np.zeros(nsplit))
+                                _stream(dx2, x2, dy2, shared=shared), np.zeros(nsplit))
 
 
 def _fusable(x3) -> bool:

@@ -892,8 +892,9 @@ def stats(x3) -> tuple[np.ndarray, np.ndarray]:
     return _reduce(_kernels().stats, x3, x3, coef, False)
 
 
-def normalize(x3, m, a, t, relu, y3) -> None:
-    """``y3 = (x3 - m[c]) * a[c] + t[c]``, then ReLU if ``relu`` (vectors float64)."""
+def normalize(x3, m, a, t, relu, y3, shared=0) -> None:
+    """``y3 = (x3 - m[c]) * a[c] + t[c]``, then ReLU if ``relu`` (vectors
+    float64). ``shared`` is the CPU kernels' hint for their stores, unused here."""
     _cuda_module()
     if x3.size == 0:
         return
@@ -912,9 +913,9 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
     return _reduce(_kernels().sums, x3, dy3, coef, bool(relu))
 
 
-def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3) -> None:
+def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3, shared=0) -> None:
     """``dx3 = g * a[c] + (x3 - m[c]) * b[c] + d[c]`` with ``g`` as in
-    :func:`backward_sums`."""
+    :func:`backward_sums` (``shared``: as :func:`normalize`'s)."""
     _cuda_module()
     if x3.size == 0:
         return

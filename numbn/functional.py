@@ -174,10 +174,12 @@ def _stats_dtype(x) -> np.dtype:
 def _train(x, weight, bias, eps, axis, backend, out, relu, combine=None):
     """Training forward of a validated call: ``(y, mean, var_biased, count)``.
 
-    ``combine(mean, var, count) -> (mean, var, count)``, when given, turns this
-    batch's statistics into the ones to normalise with (SyncBatchNorm merges
-    every rank's there); ``count`` may be 0 for an empty local batch, with
-    ``mean`` 0 and ``var`` NaN.
+    ``combine(mean, var, count) -> (mean, var, count, shared)``, when given,
+    turns this batch's statistics into the ones to normalise with
+    (SyncBatchNorm merges every rank's there); ``count`` may be 0 for an empty
+    local batch, with ``mean`` 0 and ``var`` NaN. ``shared`` is the bytes
+    that the processes sharing this machine's last-level cache write in the
+    normalisation, for the CPU kernels' choice of stores (``_cpu._stream``).
     """
     name = resolve(backend, x)
     if name == "numpy":
@@ -202,10 +204,11 @@ def _train_two_pass(eng, kern, x3, weight, bias, eps, relu, y3, count, combine):
     """The statistics, ``combine``, then the normalisation: two kernel calls."""
     c = x3.shape[1]
     mean, var = kern.stats(x3)
+    shared = 0
     if combine is not None:
-        mean, var, count = combine(mean, var, count)
+        mean, var, count, shared = combine(mean, var, count)
     w, b = _ones(eng.host(weight), c), _zeros(eng.host(bias), c)
-    kern.normalize(x3, mean, w / np.sqrt(var + eps), b, relu, y3)
+    kern.normalize(x3, mean, w / np.sqrt(var + eps), b, relu, y3, shared)
     return mean, var, count
 
 
@@ -220,7 +223,7 @@ def _train_reference(x, weight, bias, eps, axis, out, relu, combine):
     c = x.shape[axis]
     mean, var, count = _reference.batch_stats(x, axis) if x.size else (
         np.zeros(c), np.full(c, np.nan), 0)
-    mean, var, count = combine(mean, var, count)
+    mean, var, count, _ = combine(mean, var, count)
     y = _reference.normalize(x, mean, var, weight, bias, eps, axis, activation)
     return _fill(y, x, out), mean, var, count
 
@@ -586,9 +589,10 @@ def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, rel
                      combine=None):
     """``(dx, dweight, dbias)`` from the kernels of engine ``eng``.
 
-    ``combine(sum_g, sum_gx, count) -> (sum_g, sum_gx, count)``, when given,
-    turns this batch's sums into the global ones that ``dx`` uses (training
-    only); ``dweight`` and ``dbias`` stay this batch's own contribution.
+    ``combine(sum_g, sum_gx, count) -> (sum_g, sum_gx, count, shared)``, when
+    given, turns this batch's sums into the global ones that ``dx`` uses
+    (training only; ``shared`` as :func:`_train`'s); ``dweight`` and ``dbias``
+    stay this batch's own contribution.
     """
     x3, full, dx3, plan = _views(eng, x, axis)
     dy3 = contiguous_view(dy, axis) if plan is None else None
@@ -618,13 +622,14 @@ def _backward_two_pass(eng, kern, dy3, x3, mean, invstd, weight, bias, training,
         sum_g, sum_gx = kern.backward_sums(dy3, x3, m, a, t, relu)
     else:
         sum_g = sum_gx = np.zeros(c)
+    shared = 0
     if training:
         glob_g, glob_gx, n = sum_g, sum_gx, x3.shape[0] * x3.shape[2]
         if combine is not None:
-            glob_g, glob_gx, n = combine(sum_g, sum_gx, n)
+            glob_g, glob_gx, n, shared = combine(sum_g, sum_gx, n)
         b = -a * inv * inv * glob_gx / n
         d = -a * glob_g / n
     else:
         b = d = np.zeros(c)
-    kern.backward_apply(dy3, x3, m, a, t, relu, b, d, dx3)
+    kern.backward_apply(dy3, x3, m, a, t, relu, b, d, dx3, shared)
     return sum_gx * inv, sum_g

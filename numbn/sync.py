@@ -8,8 +8,8 @@ communicator, never by ``import numbn``.
 
 Communication, per training step:
 
-* forward: one ``Allgather`` of ``(status, count, mean[C], var[C])`` from every
-  rank (2C + 2 float64 values each), then every rank merges the per-rank
+* forward: one ``Allgather`` of ``(status, count, machine, mean[C], var[C])``
+  from every rank (2C + 3 float64 values each), then every rank merges the per-rank
   ``(count, mean, M2)`` with Chan's formula, pairwise in rank order. Chan's
   merge is not one of MPI's reduction operations; an ``Allreduce`` of sums
   and sums of squares would bring back the E[x^2] - E[x]^2 cancellation the
@@ -19,7 +19,9 @@ Communication, per training step:
   in the same order, so their merged statistics, outputs and running
   statistics are bitwise identical, and its status word lets the ranks agree
   on validity in the same collective. Its size grows with the number of
-  ranks, P (2C + 2) values in all, which stays small beside the batch.
+  ranks, P (2C + 3) values in all, which stays small beside the batch.
+  ``machine`` (:func:`_machine`) tells each rank which ranks share its
+  machine, and so its last-level cache: below.
   PyTorch's SyncBatchNorm gathers its statistics the same way.
 * backward: one ``Allreduce`` (sum) of ``(sum dy, sum dy * (x - mean),
   failed)`` (2C + 1 values): plain sums of per-rank sums, taken around the
@@ -42,10 +44,19 @@ the CPU backend's cache-fused kernels (statistics and normalisation of a
 channel while its slab is in cache; sums and dx likewise), because the global
 statistics arrive between the two passes: x crosses memory once more in the
 forward and in the backward. ``benchmarks/sync_cost.py`` reports the two costs
-apart.
+apart. Ranks on one machine share its last-level cache, so the CPU kernels
+choose their stores by what all of them write (``_cpu._stream``): at 2 ranks
+of (16, 64, 56, 56) float32 on the 2-core machine this was tuned on, each
+rank's 12 MiB output is below the streaming threshold, but the two together
+are not, and streaming them made the synchronised step 0.87 of the time
+(measured, ``benchmarks/sync_cost.py``).
 """
 
 from __future__ import annotations
+
+import hashlib
+import socket
+from functools import cache
 
 import numpy as np
 
@@ -83,6 +94,14 @@ def _world():
         raise ImportError("SyncBatchNorm needs mpi4py for its default communicator "
                           "(pip install 'numbn[mpi]'), or pass comm= explicitly") from exc
     return MPI.COMM_WORLD
+
+
+@cache
+def _machine() -> float:
+    """This process's machine as a float64: 48 bits of a hash of its host
+    name, exact in a float64, the same for every rank on the machine."""
+    digest = hashlib.blake2b(socket.gethostname().encode(), digest_size=6).digest()
+    return float(int.from_bytes(digest, "little"))
 
 
 def chan_merge(counts: np.ndarray, means: np.ndarray, m2s: np.ndarray):
@@ -134,9 +153,9 @@ class _Synced(tuple):
     ``_saved`` (``numbn.recalibrate`` after an error) restores it too.
     """
 
-    def __new__(cls, saved, count: int):
+    def __new__(cls, saved, count: int, shared: int):
         self = super().__new__(cls, saved)
-        self.count = count
+        self.count, self.shared = count, shared  # shared: as _gather_stats's
         return self
 
 
@@ -230,13 +249,14 @@ class SyncBatchNorm(BatchNorm):
         if not self.training or getattr(self, "_frozen", False) or self.comm.Get_size() == 1:
             return super().forward(x)
         eng = None
-        joined = False
+        gathered = None  # what the collective gave, once it is behind us
 
         def combine(mean, var, count):
-            nonlocal joined
-            joined = True
-            return self._gather_stats(eng.host(mean), eng.host(var), count,
-                                      _checks.dtype_of(x).itemsize, x)
+            nonlocal gathered
+            gathered = ()  # joined, even if what follows raises
+            gathered = self._gather_stats(eng.host(mean), eng.host(var), count,
+                                          _checks.dtype_of(x).itemsize, x)
+            return gathered
 
         try:
             _checks.input_array(x)
@@ -248,30 +268,32 @@ class SyncBatchNorm(BatchNorm):
             eng = _engine(resolve(self.backend, x))
             if _empty(x):  # take part in the collective; nothing to launch
                 c = self.num_features
-                mean, var, n = combine(np.zeros(c), np.full(c, np.nan), 0)
+                mean, var, n, _ = combine(np.zeros(c), np.full(c, np.nan), 0)
                 y = _empty_output(eng, x, axis)
             else:
                 y, mean, var, n = _train(x, self.weight, self.bias, self.eps, axis,
                                          self.backend, None, relu, combine)
         except Exception as exc:
-            if joined:  # the collective is behind us: the peers are not waiting
+            if gathered is not None:  # the collective is behind us: the peers are not waiting
                 raise
             self._gather_stats(None, None, 0, _FAILED, x, exc)  # raises on every rank
             raise  # not reached
         self._after_batch(x, mean, var, n, axis)  # with the global statistics and count
-        self._saved = _Synced(self._saved, n)
+        self._saved = _Synced(self._saved, n, gathered[3])
         return y
 
     def _gather_stats(self, mean, var, count, status, x, exc=None):
-        """The forward's one collective: ``(mean, var, count)`` of all ranks together."""
+        """The forward's one collective: ``(mean, var, count)`` of all ranks
+        together, and ``shared``: the bytes that this machine's ranks write in
+        the normalisation (``functional._train``)."""
         c = self.num_features
-        row = np.zeros(2 * c + 2)
-        row[0], row[1] = status, count
+        row = np.zeros(2 * c + 3)
+        row[0], row[1], row[2] = status, count, _machine()
         if count:
-            row[2:2 + c], row[2 + c:] = mean, var
-        table = np.empty((self.comm.Get_size(), 2 * c + 2))
+            row[3:3 + c], row[3 + c:] = mean, var
+        table = np.empty((self.comm.Get_size(), 2 * c + 3))
         self.comm.Allgather(row, table)
-        status, counts = table[:, 0], table[:, 1]
+        status, counts, machines = table[:, 0], table[:, 1], table[:, 2]
         if (status == _FAILED).any():
             self._raise_agreed("forward", exc)
         if (status != status[0]).any():
@@ -287,13 +309,14 @@ class SyncBatchNorm(BatchNorm):
         if total == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got 1 "
                              f"value per channel over all {len(counts)} ranks ({here})")
-        means = table[:, 2:2 + c]
+        means = table[:, 3:3 + c]
         # An empty rank sends zeros; M2 = var * count recovers each rank's sum
         # of squared deviations, never a raw sum of squares
         # (tests/mpi/run_sync_checks.py::check_large_mean).
-        m2s = table[:, 2 + c:] * counts[:, None]
+        m2s = table[:, 3 + c:] * counts[:, None]
         n, mean, m2 = chan_merge(counts, means, m2s)
-        return mean, m2 / n, n
+        here_count = counts[machines == _machine()].sum()
+        return mean, m2 / n, n, int(here_count) * c * int(status[0])
 
     # -- backward -----------------------------------------------------------
 
@@ -330,7 +353,7 @@ class SyncBatchNorm(BatchNorm):
             nonlocal joined
             joined = True
             glob_g, glob_gx = self._reduce_sums(eng.host(sum_g), eng.host(sum_gx))
-            return glob_g, glob_gx, count
+            return glob_g, glob_gx, count, self._saved.shared
 
         try:
             _checks.same_shape(dy, x, "dy")
@@ -429,6 +452,6 @@ def _numpy_backward(dy, x, mean, invstd, weight, bias, axis, relu, combine):
         g = np.where(xhat * w + _reference._vector(bias, c, 0.0) > 0.0, g, 0.0)
     dbias = g.sum(axis=0)
     dweight = (g * xhat).sum(axis=0)
-    glob_b, glob_w, n = combine(dbias, dweight, flat.shape[0])
+    glob_b, glob_w, n, _ = combine(dbias, dweight, flat.shape[0])
     dx = w * invstd * (g - glob_b / n - xhat * glob_w / n)
     return _reference._from_channels_last(dx, x, axis).astype(x.dtype), dweight, dbias

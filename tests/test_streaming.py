@@ -132,6 +132,12 @@ def test_streaming_threshold(monkeypatch):
     assert _cpu._stream(rows, rows[:, :])
     assert not _cpu._stream(np.empty((16, 128))[::2])  # rows apart
     assert not _cpu._stream(rows, np.empty((8, 256), np.float32)[:, ::2])
+    # What processes sharing the cache write counts too (SyncBatchNorm's ranks).
+    small = x3[:1]
+    assert not _cpu._stream(small, small)
+    assert _cpu._stream(small, small, shared=4096)
+    assert not _cpu._stream(small, small, shared=4095)
+    assert not _cpu._stream(strided[:1], shared=4096)  # still whole vectors only
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -280,6 +280,63 @@ def test_threads_bad_dy_on_one_rank_raises_everywhere():
         assert dx.shape == (4, 3)
 
 
+# -- the stores follow what the ranks of one machine write ------------------------------
+
+
+class Mirror:
+    """A communicator of ``size`` ranks that all hold this rank's batch, on this
+    machine or, with ``elsewhere``, the others each on a machine of its own."""
+
+    def __init__(self, size: int, elsewhere: bool = False):
+        self.size, self.elsewhere = size, elsewhere
+
+    def Get_size(self):
+        return self.size
+
+    def Get_rank(self):
+        return 0
+
+    def Allgather(self, send, recv):
+        recv[...] = send
+        if self.elsewhere:  # the machine column (numbn.sync._gather_stats)
+            recv[1:, 2] += np.arange(1, self.size)
+
+    def Allreduce(self, send, recv):
+        np.multiply(send, self.size, out=recv)
+
+    def allgather(self, obj):
+        return [obj] * self.size
+
+
+@pytest.mark.parametrize("axis", [1, -1], ids=["runs", "channels-last"])
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["one machine", "two machines"])
+def test_stores_follow_the_machine_s_ranks(monkeypatch, axis, elsewhere):
+    """Two ranks on one machine write twice this rank's output between them:
+    the CPU kernels judge their non-temporal stores by that (numbn._cpu._stream),
+    and the results stay BatchNorm's."""
+    from numbn import _config, _cpu
+
+    x = np.random.default_rng(3).standard_normal((4, 8, 6, 64)).astype(np.float32)
+    dy = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
+    monkeypatch.setattr(_config, "CPU_STREAM_MIN_BYTES", x.nbytes * 3 // 2)
+    judged = []
+    stream = _cpu._stream
+
+    def spy(y, *read, shared=0):
+        judged.append(shared)
+        return stream(y, *read, shared=shared)
+
+    monkeypatch.setattr(_cpu, "_stream", spy)
+    bn = numbn.SyncBatchNorm(x.shape[axis], comm=Mirror(2, elsewhere), axis=axis,
+                             backend="cpu")
+    ref = numbn.BatchNorm(x.shape[axis], axis=axis, backend="cpu")
+    y, dx = bn(x), bn.backward(dy)
+    assert judged == [x.nbytes if elsewhere else 2 * x.nbytes] * 2  # normalise, then dx
+    assert (judged[0] >= _config.CPU_STREAM_MIN_BYTES) is not elsewhere  # streamed on one
+    np.testing.assert_allclose(y, ref(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, ref.backward(dy), rtol=1e-4, atol=1e-5)
+
+
 # -- real MPI ---------------------------------------------------------------------------
 
 
