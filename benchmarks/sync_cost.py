@@ -12,11 +12,11 @@ batch, each started after a barrier, in rotating order, so that drift of the
 machine hits all alike:
 
 * ``BatchNorm``, the baseline;
-* ``BatchNorm`` held to the two-pass kernels (:class:`TwoPass`): the CPU
+* ``BatchNorm`` held to the two-pass kernels (:func:`two_pass`): the CPU
   backend fuses statistics and normalisation per channel while a channel's
   slab is in cache, which a synchronised layer cannot do (the global
   statistics arrive between the passes);
-* ``BatchNorm`` with streamed stores (:class:`Streamed`): the ranks of one
+* ``BatchNorm`` with streamed stores (:func:`streamed`): the ranks of one
   machine share its last-level cache, and SyncBatchNorm chooses its stores by
   what all of them write (non-temporal above ``_config.CPU_STREAM_MIN_BYTES``),
   which a BatchNorm, knowing nothing of the other ranks, cannot; this row
@@ -97,29 +97,28 @@ class Mirror:
         return [obj] * self.size
 
 
-class Streamed:
-    """A BatchNorm whose outputs are all stored non-temporally, as SyncBatchNorm's
-    are when the machine's ranks together write ``_config.CPU_STREAM_MIN_BYTES``."""
+class Configured:
+    """A BatchNorm whose calls run with one setting of ``numbn._config`` changed."""
 
-    def __init__(self, bn):
-        self.bn = bn
+    def __init__(self, bn, name: str, value: int):
+        self.bn, self.name, self.value = bn, name, value
 
-    def _streamed(self, method, arg):
-        saved = _config.CPU_STREAM_MIN_BYTES
-        _config.CPU_STREAM_MIN_BYTES = 0
+    def _run(self, method, arg):
+        saved = getattr(_config, self.name)
+        setattr(_config, self.name, self.value)
         try:
             return method(arg)
         finally:
-            _config.CPU_STREAM_MIN_BYTES = saved
+            setattr(_config, self.name, saved)
 
     def __call__(self, x):
-        return self._streamed(self.bn, x)
+        return self._run(self.bn, x)
 
     def backward(self, dy):
-        return self._streamed(self.bn.backward, dy)
+        return self._run(self.bn.backward, dy)
 
 
-class TwoPass:
+def two_pass(bn) -> Configured:
     """A BatchNorm held to the two-pass kernels, as synchronisation must be.
 
     The CPU backend fuses the statistics and the normalisation (and the
@@ -129,23 +128,13 @@ class TwoPass:
     memory once more in the forward and in the backward. This baseline
     separates that cost from the cost of the communication.
     """
+    return Configured(bn, "CPU_FUSED_MAX_SLAB_BYTES", -1)
 
-    def __init__(self, bn):
-        self.bn = bn
 
-    def _two_pass(self, method, arg):
-        saved = getattr(_config, "CPU_FUSED_MAX_SLAB_BYTES", None)
-        _config.CPU_FUSED_MAX_SLAB_BYTES = -1
-        try:
-            return method(arg)
-        finally:
-            _config.CPU_FUSED_MAX_SLAB_BYTES = saved
-
-    def __call__(self, x):
-        return self._two_pass(self.bn, x)
-
-    def backward(self, dy):
-        return self._two_pass(self.bn.backward, dy)
+def streamed(bn) -> Configured:
+    """A BatchNorm whose outputs are all stored non-temporally, as SyncBatchNorm's
+    are when the machine's ranks together write ``_config.CPU_STREAM_MIN_BYTES``."""
+    return Configured(bn, "CPU_STREAM_MIN_BYTES", 0)
 
 
 def step(comm, bn, x, dy) -> float:
@@ -200,8 +189,8 @@ def main() -> None:
     timed = Timed(comm)
     rows = {  # name -> layer
         "BatchNorm": numbn.BatchNorm(shape[1]),
-        "BatchNorm, two-pass kernels": TwoPass(numbn.BatchNorm(shape[1])),
-        "BatchNorm, streamed stores": Streamed(numbn.BatchNorm(shape[1])),
+        "BatchNorm, two-pass kernels": two_pass(numbn.BatchNorm(shape[1])),
+        "BatchNorm, streamed stores": streamed(numbn.BatchNorm(shape[1])),
         "SyncBatchNorm, mirror comm": numbn.SyncBatchNorm(shape[1], comm=Mirror(size)),
         "SyncBatchNorm": numbn.SyncBatchNorm(shape[1], comm=timed),
     }
