@@ -63,7 +63,8 @@ CPU_ROWS_MAX_WORK = 655_360
 #: the cache when the next layer reads it, which a streamed one is not. At
 #: 24.5 MiB float32 the streamed eval, training forward and backward took
 #: 0.85-0.87, 0.83-0.87 and 0.87-0.97 of the ordinary time; at 12.2 MiB
-#: the eval with 14x14 maps took 1.23 (measured, interleaved).
+#: the eval with 14x14 maps took 1.23 (measured, interleaved). SyncBatchNorm
+#: judges what its ranks on this machine write together: they share the cache.
 CPU_STREAM_MIN_BYTES = 24 * 1024 * 1024
 #: Inputs with fewer elements run the serial twins of the kernels: starting
 #: the threads of a parallel region costs more than such an input's work.
