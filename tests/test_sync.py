@@ -29,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import numbn
+from benchmarks.sync_cost import Mirror
 from numbn.sync import chan_merge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,29 +284,13 @@ def test_threads_bad_dy_on_one_rank_raises_everywhere():
 # -- the stores follow what the ranks of one machine write ------------------------------
 
 
-class Mirror:
-    """A communicator of ``size`` ranks that all hold this rank's batch, on this
-    machine or, with ``elsewhere``, the others each on a machine of its own."""
-
-    def __init__(self, size: int, elsewhere: bool = False):
-        self.size, self.elsewhere = size, elsewhere
-
-    def Get_size(self):
-        return self.size
-
-    def Get_rank(self):
-        return 0
+class Elsewhere(Mirror):
+    """:class:`benchmarks.sync_cost.Mirror` with the other ranks each on a
+    machine of its own."""
 
     def Allgather(self, send, recv):
-        recv[...] = send
-        if self.elsewhere:  # the machine column (numbn.sync._gather_stats)
-            recv[1:, 2] += np.arange(1, self.size)
-
-    def Allreduce(self, send, recv):
-        np.multiply(send, self.size, out=recv)
-
-    def allgather(self, obj):
-        return [obj] * self.size
+        super().Allgather(send, recv)
+        recv[1:, 2] += np.arange(1, self.size)  # the machine column (numbn.sync._gather_stats)
 
 
 @pytest.mark.parametrize("axis", [1, -1], ids=["runs", "channels-last"])
@@ -327,7 +312,8 @@ def test_stores_follow_the_machine_s_ranks(monkeypatch, axis, elsewhere):
         return stream(y, *read, shared=shared)
 
     monkeypatch.setattr(_cpu, "_stream", spy)
-    bn = numbn.SyncBatchNorm(x.shape[axis], comm=Mirror(2, elsewhere), axis=axis,
+    comm = Elsewhere(2) if elsewhere else Mirror(2)
+    bn = numbn.SyncBatchNorm(x.shape[axis], comm=comm, axis=axis,
                              backend="cpu")
     ref = numbn.BatchNorm(x.shape[axis], axis=axis, backend="cpu")
     y, dx = bn(x), bn.backward(dy)
