@@ -49,9 +49,11 @@ def _moving(kind, n, c, rng):
 @pytest.mark.parametrize("axis", [1, -1])
 @pytest.mark.parametrize("kind", ["ramp", "sorted", "step"])
 def test_statistics_of_moving_data(kind, axis, dtype, rng, cpu_path, monkeypatch):
-    """The CPU kernels sum every block after the first in one pass, shifted
-    by the mean of the blocks before it (and fall back to two passes for a
-    block whose mean is too far from that shift): data whose level moves
+    """The CPU kernels sum every block in one pass, shifted by a value near
+    the mean (channels-last: the mean of the blocks before it; channel-major:
+    the first block's probe, kept while the blocks stay near it), and fall
+    back to two passes for a block whose mean is too far from that shift
+    (channel-major: its mean then becomes the shift): data whose level moves
     along the batch keeps the reference's statistics to the dtype's tolerance."""
     from numbn import _config
 
