@@ -3,7 +3,9 @@ too small for the kernel to matter, beside PyTorch's, with hot caches and
 after a cache-flushing copy.
 
 Run ``python benchmarks/call_overhead.py [--rounds N] [--shape 2,64,4,4]``. The
-calls are those ``numbn bench`` times (forward is the training forward).
+calls are those ``numbn bench`` times (forward is the training forward), and
+``batch_norm_forward`` ("fwd+stats": the training forward that also returns
+mean and invstd for the backward).
 
 Why both: in a network, each BatchNorm call runs just after a layer that has
 streamed megabytes through the caches, so the Python and dispatch code of the
@@ -42,6 +44,9 @@ def main(argv=None):
                                rtol=1e-4, atol=1e-4)
     # The calls `numbn bench` times, on this small input.
     calls = {f"numbn {k}": f for k, f in _bench._numbn_calls(x, 1, "cpu", rng).items()}
+    # The functional training forward, which also returns mean and invstd.
+    w, b = np.ones(shape[1], np.float32), np.zeros(shape[1], np.float32)
+    calls["numbn fwd+stats"] = lambda: numbn.batch_norm_forward(x, w, b)
     if _bench.has_torch():
         calls.update({f"torch {k}": f for k, f in _bench._torch_calls(x, 1, rng).items()})
     else:

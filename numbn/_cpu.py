@@ -1382,6 +1382,19 @@ def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, z
     _apply_row_tasks(dy, x, cols, relu, dx, nsplit, ahead, zero, stream, sink)
 
 
+@njit(cache=True, error_model="numpy")  # no fastmath: as functional._forward's NumPy
+def mean_invstd(mean, var, eps, mean_out, invstd_out):
+    """``mean`` and ``1 / sqrt(var + eps)`` (float64) into the vectors
+    ``mean_out`` and ``invstd_out`` of the statistics' dtype, rounded once,
+    as the general path's NumPy gives them (``batch_norm_forward``), in one
+    compiled call, without floating-point warnings (a constant channel with
+    ``eps=0`` gives inf). Its five NumPy operations and their error-state
+    guard took about 7 us of a 50 us forward at (256, 1024) (measured)."""
+    for c in range(mean.shape[0]):
+        mean_out[c] = mean[c]
+        invstd_out[c] = 1.0 / np.sqrt(var[c] + eps)
+
+
 @njit(cache=True, error_model="numpy")  # no fastmath: as _reference.update_running
 def _update_running(running_mean, running_var, mean, var, var_scale, factor):
     for c in range(running_mean.shape[0]):

@@ -433,7 +433,6 @@ def _update_device_running(running_mean, running_var, mean, var, scale, factor):
             _engine("cuda").assign(r, new)
 
 
-@_quiet
 def batch_norm_forward(x, weight=None, bias=None, *, eps: float = 1e-5, axis: int = 1,
                        backend: str = "auto", out=None, activation=None):
     """Training-mode forward that also returns what the backward needs.
@@ -467,6 +466,20 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps: float = 1e-5, axis: in
     >>> mean
     array([ 2., 20.])
     """
+    if out is None:
+        done = _direct_train(x, weight, bias, eps, axis, backend, activation)
+        if done is not None:
+            y, mean, var, _ = done
+            dt = _stats_dtype(x)
+            mean_out, invstd = np.empty(mean.shape, dt), np.empty(mean.shape, dt)
+            _cpu_kernels().mean_invstd(mean, var, float(eps), mean_out, invstd)
+            return y, mean_out, invstd
+    return _forward(x, weight, bias, eps, axis, backend, out, activation)
+
+
+@_quiet
+def _forward(x, weight, bias, eps, axis, backend, out, activation):
+    """:func:`batch_norm_forward` by the general path."""
     axis, relu = _check_forward(x, weight, bias, axis, out, activation)
     _checks.training_count(x.shape, axis)
     y, mean, var, _ = _train(x, weight, bias, eps, axis, backend, out, relu)

@@ -77,7 +77,7 @@ def test_direct_equals_general(shape, axis, dtype, vdt, activation, spy, monkeyp
     # general path.
     stats_dtype = np.float32 if dtype == np.float16 else dtype
     backwards = (4 if activation is None else 2) if vdt == stats_dtype else 0
-    assert spy == {"infer_ready": 1, "train_ready": 2, "backward_ready": backwards}
+    assert spy == {"infer_ready": 1, "train_ready": 3, "backward_ready": backwards}
     _general(monkeypatch)
     general = _calls(x, dy, axis, vdt, activation, np.random.default_rng(1))
     assert len(direct) == len(general)
@@ -116,6 +116,9 @@ def test_direct_path_declines(spy, rng):
     lambda x, v: numbn.batch_norm(x[:1, :, :1], v, v, v, v, True),  # one value per channel
     lambda x, v: numbn.batch_norm(x, v, v, v, v, True, momentum=None),
     lambda x, v: numbn.batch_norm(x, None, None, v, v, True, momentum="fast"),
+    lambda x, v: numbn.batch_norm_forward(x[:1, :, :1], v, v),  # one value per channel
+    lambda x, v: numbn.batch_norm_forward(x, v[:3], v),  # a short weight
+    lambda x, v: numbn.batch_norm_forward(x, v, v, activation="gelu"),
     lambda x, v: numbn.batch_norm_backward(x[:, :, :2], x, v, v, v),  # dy of another shape
     lambda x, v: numbn.batch_norm_backward(x, x, v[:2], v, v),  # a short mean
     lambda x, v: numbn.batch_norm_backward(x, x, v, v, v, activation="relu6"),
