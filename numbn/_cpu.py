@@ -385,10 +385,8 @@ def _rows_moments(x, o0, o1, block_rows, zero, pmean, pm2, ahead):
                 if _too_far(np.float64(d1[c]), np.float64(d2[c]), nb):
                     d1[c], d2[c] = _own_mean_sums(x[r0:r1, c], zero, sh, c)
         for c in range(C):
-            mean_dev = np.float64(d1[c]) / nb
-            m2b = np.float64(d2[c]) - np.float64(d1[c]) * mean_dev
-            _, pmean[c], pm2[c] = _chan_merge(n, pmean[c], pm2[c], nb,
-                                              np.float64(sh[c]) + mean_dev, m2b)
+            _, mean_b, m2_b = _fold(nb, sh[c], np.float64(d1[c]), np.float64(d2[c]))
+            _, pmean[c], pm2[c] = _chan_merge(n, pmean[c], pm2[c], nb, mean_b, m2_b)
             sh[c] = pmean[c]  # the next block's shift: the mean so far
         n += nb
     return n
