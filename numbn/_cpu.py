@@ -188,6 +188,15 @@ def _own_mean_sums(xr, zero, cell, k):
 #: so far for channels-last input; for channel-major input the same shift
 #: while it stays near, :func:`_span_moments`).
 _PROBE = 8
+#: Channel-major statistics prefetch the run ``_AHEAD_BYTES // run bytes``
+#: runs ahead when a channel's runs are at most ``_SHORT_RUN_BYTES`` long:
+#: such runs are a page's part or less, where the hardware prefetcher
+#: stops, and the runs of one channel lie C runs apart. Training forward of
+#: (64, 256, 14, 14) float32 (784-byte runs) 0.86-0.90 of the time without,
+#: (32, 128, 28, 28) 0.92; 7x7 runs and long runs unchanged (measured). The
+#: backward's sums, which read dy and x, gained nothing from it (measured).
+_AHEAD_BYTES = 6144
+_SHORT_RUN_BYTES = 4096
 
 
 @njit(inline="always")
@@ -224,9 +233,13 @@ def _span_moments(x, c, f0, f1, block, zero, cell):
     ns, d1s, d2s = 0.0, 0.0, 0.0  # summed under the current shift
     sh = zero
     first = True
+    run_bytes = inner * x.itemsize
+    ahead = _AHEAD_BYTES // run_bytes if run_bytes <= _SHORT_RUN_BYTES else 0
     for o in range(f0 // inner, (f1 + inner - 1) // inner):
         i0 = max(f0 - o * inner, 0)
         i1 = min(f1 - o * inner, inner)
+        if ahead and o + ahead < x.shape[0]:
+            _prefetch_run(x[o + ahead, c])
         for b0 in range(i0, i1, block):
             xr = x[o, c, b0:min(b0 + block, i1)]
             nb = np.float64(xr.shape[0])
