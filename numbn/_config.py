@@ -82,6 +82,14 @@ CPU_MIN_TASK = 16384
 #: Tasks per thread a reduction is split into, for load balance.
 CPU_TASKS_PER_THREAD = 4
 
+#: Channel-major reductions of the two-pass path (the statistics, the
+#: backward's sums) split the outer axis among their tasks, each task
+#: reading its rows of every channel in memory order (``_cpu._stats_outer``,
+#: ``_cpu._sums_outer``), when the outer axis has at least this many rows
+#: per thread; with fewer, one channel's runs at a time, split along the
+#: channel for every thread (``_cpu._stats_channel_major``).
+CPU_OUTER_ROWS_PER_THREAD = 4
+
 # CUDA kernels --------------------------------------------------------------
 
 #: Threads per block of the CUDA kernels: a power of two, at least 32 (a warp)

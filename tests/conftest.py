@@ -112,10 +112,11 @@ def cpu_path(request, monkeypatch):
     small enough, and channel-major input kept channel-major however short
     its runs), through the parallel two-pass kernels (fusion off, and every
     input treated as too large for the cache, so the loops meant for input
-    streamed from memory run, and every output the kernels can store
-    non-temporally is; contiguous channel-major input with short runs takes
-    the rows kernels, numbn._cpu._row_views), and through the serial twins
-    of the kernels."""
+    streamed from memory run, every output the kernels can store
+    non-temporally is, and channel-major reductions split the outer axis
+    however short it is; contiguous channel-major input with short runs
+    takes the rows kernels, numbn._cpu._row_views), and through the serial
+    twins of the kernels (channel-major reductions one channel at a time)."""
     from numbn import _config
 
     monkeypatch.setattr(_config, "CPU_FUSED_MAX_SLAB_BYTES",
@@ -125,6 +126,8 @@ def cpu_path(request, monkeypatch):
     if request.param == "two-pass":
         monkeypatch.setattr(_config, "CPU_CACHE_BYTES", 0)
         monkeypatch.setattr(_config, "CPU_STREAM_MIN_BYTES", 0)
+        monkeypatch.setattr(_config, "CPU_OUTER_ROWS_PER_THREAD", 0)
     if request.param == "serial":
         monkeypatch.setattr(_config, "CPU_PARALLEL_MIN", 1 << 62)
+        monkeypatch.setattr(_config, "CPU_OUTER_ROWS_PER_THREAD", 1 << 62)
     return request.param
