@@ -39,18 +39,18 @@ collectives work on small NumPy buffers and need no CUDA-aware MPI; the
 normalisation itself goes through the backend's engine, as in ``BatchNorm``
 (device arrays: ``tests/mpi/run_sync_checks.py::check_cuda``).
 
-Cost: the collectives take microseconds, but a synchronised step cannot use
-the CPU backend's cache-fused kernels (statistics and normalisation of a
-channel while its slab is in cache; sums and dx likewise), because the global
+Cost: the collectives take microseconds, but a synchronised step cannot use the
+CPU backend's cache-fused kernels (statistics and normalisation of a channel
+while its slab is in cache; sums and dx likewise), because the global
 statistics arrive between the two passes: x crosses memory once more in the
-forward and in the backward. The two-pass reductions make up for much of it
-by reading memory in order (``_cpu._stats_outer``, ``_cpu._sums_outer``).
-``benchmarks/sync_cost.py`` reports the two costs apart. Ranks on one machine share its last-level cache, so the CPU kernels
-choose their stores by what all of them write (``_cpu._stream``): at 2 ranks
-of (16, 64, 56, 56) float32 on the 2-core machine this was tuned on, each
-rank's 12 MiB output is below the streaming threshold, but the two together
-are not, and streaming them made the synchronised step 0.87 of the time
-(measured, ``benchmarks/sync_cost.py``).
+forward and in the backward. The two-pass reductions make up for much of it by
+reading memory in order (``_cpu._stats_outer``, ``_cpu._sums_outer``).
+``benchmarks/sync_cost.py`` reports the two costs apart. Ranks on one machine
+share its last-level cache, so the CPU kernels choose their stores by what all
+of them write (``_cpu._stream``): at 2 ranks of (16, 64, 56, 56) float32 on the
+2-core machine this was tuned on, each rank's 12 MiB output is below the
+streaming threshold, but the two together are not, and streaming them made the
+synchronised step 0.87 of the time (measured, ``benchmarks/sync_cost.py``).
 """
 
 from __future__ import annotations
