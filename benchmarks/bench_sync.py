@@ -7,11 +7,8 @@ dx), so this tracks them too. What communication adds across real ranks is
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
-
 import numbn
+from numbn._bench import _median_interleaved
 
 from ._common import SIZES, check_forward, make_input, require
 from .sync_cost import Mirror
@@ -40,14 +37,12 @@ class SyncStep:
         """The step's time over a BatchNorm step on the same batch (medians of
         interleaved runs): what the synchronised path costs in kernels alone."""
         bn = numbn.BatchNorm(self.x.shape[self.sync.axis], axis=self.sync.axis, backend="cpu")
-        times = {"sync": [], "bn": []}
-        for _ in range(15):
-            for name, layer in (("sync", self.sync), ("bn", bn)):
-                t0 = time.perf_counter()
-                layer(self.x)
-                layer.backward(self.dy)
-                times[name].append(time.perf_counter() - t0)
-        return float(np.median(times["sync"]) / np.median(times["bn"]))
+
+        def step(layer):
+            return lambda: (layer(self.x), layer.backward(self.dy))
+
+        sync, plain = _median_interleaved([step(self.sync), step(bn)], 15, warm=True)
+        return float(sync / plain)
 
     track_step_over_batchnorm.unit = "ratio"
 
