@@ -208,6 +208,25 @@ def _fold(n, sh, d1, d2):
 
 
 @njit(inline="always")
+def _probe_shift(xr, zero):
+    """A shift near the mean of the 1-D chunk ``xr``: the mean (float64) of
+    ``_PROBE`` of its values spread over it, summed in x's dtype."""
+    k = min(_PROBE, xr.shape[0])
+    acc = zero
+    for j in range(k):
+        acc += _ld(xr[j * xr.shape[0] // k])
+    return np.float64(acc) / k
+
+
+@njit(inline="always")
+def _fold_merge(n, mean, m2, ns, sh, d1s, d2s):
+    """``(n, mean, M2)`` merged (Chan) with the ``ns`` values summed under
+    the shift ``sh`` (:func:`_fold`)."""
+    nf, mf, m2f = _fold(ns, sh, d1s, d2s)
+    return _chan_merge(n, mean, m2, nf, mf, m2f)
+
+
+@njit(inline="always")
 def _span_moments(x, c, f0, f1, block, zero, cell):
     """(count, mean, M2), float64, of channel ``c``'s elements ``f0:f1`` of
     ``x`` (``(outer, C, inner)``; element ``f`` is ``x[f // inner, c, f % inner]``).
@@ -244,18 +263,13 @@ def _span_moments(x, c, f0, f1, block, zero, cell):
             xr = x[o, c, b0:min(b0 + block, i1)]
             nb = np.float64(xr.shape[0])
             if first:  # the shift: the mean of a few of the first chunk's values
-                k = min(_PROBE, xr.shape[0])
-                acc = zero
-                for j in range(k):
-                    acc += _ld(xr[j * xr.shape[0] // k])
-                cell[0] = np.float64(acc) / k
+                cell[0] = _probe_shift(xr, zero)
                 sh = cell[0]
                 first = False
             d1, d2 = _shifted_chunk(xr, sh, zero)
             if _too_far(d1, d2, nb):
                 if ns > 0.0:
-                    nf, mf, m2f = _fold(ns, sh, d1s, d2s)
-                    n, mean, m2 = _chan_merge(n, mean, m2, nf, mf, m2f)
+                    n, mean, m2 = _fold_merge(n, mean, m2, ns, sh, d1s, d2s)
                     ns, d1s, d2s = 0.0, 0.0, 0.0
                 d1, d2 = _own_mean_sums(xr, zero, cell, 0)
                 sh = cell[0]
@@ -263,8 +277,7 @@ def _span_moments(x, c, f0, f1, block, zero, cell):
             d1s += d1
             d2s += d2
     if ns > 0.0:
-        nf, mf, m2f = _fold(ns, sh, d1s, d2s)
-        n, mean, m2 = _chan_merge(n, mean, m2, nf, mf, m2f)
+        n, mean, m2 = _fold_merge(n, mean, m2, ns, sh, d1s, d2s)
     return n, mean, m2
 
 
@@ -293,18 +306,14 @@ def _moments_step(xr, zero, acc, c, cell):
     of ``_PROBE`` values; a chunk too far from the shift (:func:`_too_far`)
     folds the sums aside and starts again from its own mean."""
     nb = np.float64(xr.shape[0])
-    if acc[0, c] == 0.0 and acc[3, c] == 0.0:
-        k = min(_PROBE, xr.shape[0])
-        probe = zero
-        for j in range(k):
-            probe += _ld(xr[j * xr.shape[0] // k])
-        cell[c] = np.float64(probe) / k
+    if acc[0, c] == 0.0 and acc[3, c] == 0.0:  # the first chunk
+        cell[c] = _probe_shift(xr, zero)
     d1, d2 = _shifted_chunk(xr, cell[c], zero)
     if _too_far(d1, d2, nb):
         if acc[3, c] > 0.0:
-            nf, mf, m2f = _fold(acc[3, c], cell[c], acc[4, c], acc[5, c])
-            acc[0, c], acc[1, c], acc[2, c] = _chan_merge(acc[0, c], acc[1, c], acc[2, c],
-                                                          nf, mf, m2f)
+            acc[0, c], acc[1, c], acc[2, c] = _fold_merge(acc[0, c], acc[1, c], acc[2, c],
+                                                          acc[3, c], cell[c], acc[4, c],
+                                                          acc[5, c])
             acc[3, c], acc[4, c], acc[5, c] = 0.0, 0.0, 0.0
         d1, d2 = _own_mean_sums(xr, zero, cell, c)
     acc[3, c] += nb
@@ -345,10 +354,8 @@ def _stats_outer(x, nsplit, block, zero, cells, pn, pmean, pm2, ahead):
                         _prefetch_ahead(x, o, c, b0, b1, ahead)
                     _moments_step(x[o, c, b0:b1], zero, acc, c, cell)
         for c in range(C):
-            nf, mf, m2f = _fold(acc[3, c], cell[c], acc[4, c], acc[5, c])
-            n, mean, m2 = _chan_merge(acc[0, c], acc[1, c], acc[2, c], nf, mf, m2f)
-            pmean[s, c] = mean
-            pm2[s, c] = m2
+            n, pmean[s, c], pm2[s, c] = _fold_merge(acc[0, c], acc[1, c], acc[2, c], acc[3, c],
+                                                    cell[c], acc[4, c], acc[5, c])
         pn[s] = (o1 - o0) * inner
 
 
@@ -466,8 +473,8 @@ def _rows_moments(x, o0, o1, block_rows, zero, pmean, pm2, ahead):
                 if _too_far(np.float64(d1[c]), np.float64(d2[c]), nb):
                     d1[c], d2[c] = _own_mean_sums(x[r0:r1, c], zero, sh, c)
         for c in range(C):
-            _, mean_b, m2_b = _fold(nb, sh[c], np.float64(d1[c]), np.float64(d2[c]))
-            _, pmean[c], pm2[c] = _chan_merge(n, pmean[c], pm2[c], nb, mean_b, m2_b)
+            _, pmean[c], pm2[c] = _fold_merge(n, pmean[c], pm2[c], nb, sh[c],
+                                              np.float64(d1[c]), np.float64(d2[c]))
             sh[c] = pmean[c]  # the next block's shift: the mean so far
         n += nb
     return n
