@@ -10,14 +10,16 @@ them alike), the training forward and the backward of
 * ``bn+relu``: plain, then ``np.maximum`` as its own pass (and, backward, the
   ReLU's mask applied to ``dy`` as its own pass, into preallocated buffers),
 
-and prints the medians, the ratios to plain BatchNorm, and the ratio of the
-fastest runs (less sensitive to other work on the machine). With ``--cold``
-every call starts with its inputs out of the caches (a 64 MiB buffer is
-rewritten before it, outside the timing), as in a network whose BatchNorm
-input was written long before its backward; without it the small shapes run
-from cache, round after round. The target is fused
-forward-train and backward within 10% of plain BatchNorm's time. Every result
-is checked against the float64 reference on a slice before timing.
+and prints the medians, the ratios to plain BatchNorm, the ratio of the
+fastest runs, and the median over rounds of each round's own fused/plain
+ratio (the last two less sensitive to other work on the machine: the calls
+of a round run within milliseconds of each other). With ``--cold`` every
+call starts with its inputs out of the caches (a 64 MiB buffer is rewritten
+before it, outside the timing), as in a network whose BatchNorm input was
+written long before its backward; without it the small shapes run from
+cache, round after round. The target is fused forward-train and backward
+within 10% of plain BatchNorm's time. Every result is checked against the
+float64 reference on a slice before timing.
 """
 
 from __future__ import annotations
@@ -95,9 +97,12 @@ class Case:
 
 
 def measure(case, runs, seconds, cold=False):
-    """Seconds per call, ``{(pass, variant): (median, min)}``, and the rounds run;
-    the variants take turns inside every round, in a rotating order; ``cold``:
-    the caches are flushed before each call."""
+    """Seconds per call, ``{(pass, variant): (median, min)}``, the median over
+    rounds of each round's fused/plain ratio, ``{pass: ratio}`` (the two calls
+    of a round run within milliseconds of each other, so a slow phase of the
+    machine hits both), and the rounds run; the variants take turns inside
+    every round, in a rotating order; ``cold``: the caches are flushed before
+    each call."""
     times = {(p, v): [] for p in ("forward", "backward") for v in VARIANTS}
     flush = np.zeros(64 * 2**20 // 8) if cold else None
     for v in VARIANTS:  # warm the JIT and the buffers
@@ -116,7 +121,9 @@ def measure(case, runs, seconds, cold=False):
                 fn(v)
                 times[p, v].append(time.perf_counter() - t0)
         rounds += 1
-    return {k: (statistics.median(t), min(t)) for k, t in times.items()}, rounds
+    paired = {p: statistics.median(f / q for f, q in zip(times[p, "fused"], times[p, "plain"]))
+              for p in ("forward", "backward")}
+    return {k: (statistics.median(t), min(t)) for k, t in times.items()}, paired, rounds
 
 
 def main(argv=None):
@@ -134,24 +141,26 @@ def main(argv=None):
           f"load average {os.getloadavg()[0]:.2f} at start (other work skews the timings)")
     header = (f"{'shape':<24}{'pass':<9}{'plain':>8}{'fused':>8}{'bn+relu':>9}"
               f"{'fused/plain':>13}{'bn+relu/plain':>15}{'(min) fused/plain':>19}"
-              f"{'rounds':>8}")
+              f"{'(paired)':>10}{'rounds':>8}")
     print(header)
     print("-" * len(header))
-    worst = worst_min = 0.0
+    worst = worst_min = worst_paired = 0.0
     for layout, shape, axis in SHAPES:
         case = Case(shape, axis, rng)
         case.check()
-        med, rounds = measure(case, args.runs, args.seconds, args.cold)
+        med, paired, rounds = measure(case, args.runs, args.seconds, args.cold)
         for p in ("forward", "backward"):
             plain, fused, then = (med[p, v][0] * 1e3 for v in VARIANTS)
             fastest = med[p, "fused"][1] / med[p, "plain"][1]
             worst = max(worst, fused / plain)
             worst_min = max(worst_min, fastest)
+            worst_paired = max(worst_paired, paired[p])
             name = f"{layout} {'x'.join(map(str, shape))}"
             print(f"{name:<24}{p:<9}{plain:8.2f}{fused:8.2f}{then:9.2f}"
-                  f"{fused / plain:13.3f}{then / plain:15.3f}{fastest:19.3f}{rounds:8d}")
-    print(f"worst fused/plain ratio: {worst:.3f} of medians, {worst_min:.3f} of minima "
-          f"(target <= 1.10)")
+                  f"{fused / plain:13.3f}{then / plain:15.3f}{fastest:19.3f}{paired[p]:10.3f}"
+                  f"{rounds:8d}")
+    print(f"worst fused/plain ratio: {worst:.3f} of medians, {worst_min:.3f} of minima, "
+          f"{worst_paired:.3f} paired (target <= 1.10)")
 
 
 if __name__ == "__main__":
