@@ -34,10 +34,10 @@ CPU_ROWS_STREAM_AHEAD_BYTES = 8192
 #: against 11.06), and 4 MiB was no better.
 CPU_FUSED_MAX_SLAB_BYTES = 2 * 1024 * 1024
 
-#: Bytes of input that count as cache-resident: the ReLU-gated channels-last
-#: backward sums take four rows at a time below this (x and dy together), row
-#: by row above it (faster from memory; see ``_cpu._rows_relu_sums4``). Half
-#: the 32 MiB last-level cache of the machine this was tuned on.
+#: Bytes of input that count as cache-resident: the rows kernels (channels-last
+#: input, and short runs) prefetch rows ahead above this (x and dy together),
+#: not below it, where the prefetch instructions only cost (``_cpu._ahead``).
+#: Half the 32 MiB last-level cache of the machine this was tuned on.
 CPU_CACHE_BYTES = 16 * 1024 * 1024
 
 #: Channel-major input with short runs (``inner`` = H*W elements per channel

@@ -270,8 +270,8 @@ def test_fused_with_split_reductions(tiny_tasks, name, shape, axis, training):
 @pytest.mark.parametrize("rows", [2, 3, 5, 66, 67])
 @pytest.mark.parametrize("axis", [1, -1], ids=["2d", "nhwc"])
 def test_fused_backward_any_row_count(rows, axis, cpu_path):
-    # The channels-last ReLU sums go four rows at a time with the input in
-    # cache, then row by row for the rest: every remainder of rows mod 4.
+    # The channels-last ReLU sums go four rows at a time, then row by row
+    # for a block's last rows: every remainder of rows mod 4.
     shape = (rows, 6) if axis == 1 else (rows, 1, 1, 6)
     args = case(rows, shape, axis, np.float32)
     expected = numbn_relu_bn(*args, True, axis, backend="numpy")
