@@ -605,13 +605,13 @@ def _gate(g, xv, m, a, t, relu, zero):
     ``threshold_backward``. The test is the forward's own expression, so the
     mask matches the forward; ``relu`` is loop-invariant and LLVM unswitches it.
 
-    Callers under the ReLU also add ``dy`` to a sum that they store and never
-    read (a *sink*): a load whose only use is this select compiles to a
-    masked load (AVX-512), which waits for its mask, i.e. for x's load and
-    the arithmetic above. Streaming from memory, that made the gated sums
-    1.3-1.8x the plain time (serial, 25M float32), 1.04x with the sink; the
-    whole ReLU backward of (8192, 64) from memory went from 1.94x plain to
-    1.25x (measured)."""
+    Callers under the ReLU (but :func:`_rows_relu_sums4`) also add ``dy`` to
+    a sum that they store and never read (a *sink*): a load whose only use
+    is this select compiles to a masked load (AVX-512), which waits for its
+    mask, i.e. for x's load and the arithmetic above. Streaming from memory,
+    that made the gated sums 1.3-1.8x the plain time (serial, 25M float32),
+    1.04x with the sink; the whole ReLU backward of (8192, 64) from memory
+    went from 1.94x plain to 1.25x (measured)."""
     keep = (not relu) | ((xv - m) * a + t > 0.0)  # a select, not a branch: vectorises
     return g if keep else zero
 
@@ -1153,12 +1153,11 @@ def _sums_outer(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot, sink, ahe
 
 
 @njit(inline="always")
-def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx, sd):
+def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
     """Add the ReLU-gated ``g`` and ``g * (x - m)`` of rows ``r0:r4`` (four
-    rows at a time) to ``sg`` and ``sgx``, and ``dy`` to the sink ``sd``
-    (:func:`_gate`): one load and store of the accumulators and one load of
-    the coefficients per four rows. In cache this took 0.65-0.8 of the
-    row-by-row time (measured).
+    rows at a time) to ``sg`` and ``sgx``: one load and store of the
+    accumulators and one load of the coefficients per four rows. In cache
+    this took 0.65-0.8 of the row-by-row time (measured).
 
     Four short rows (4 KiB or less together) are prefetched about
     ``_STREAM_AHEAD_BYTES`` ahead, line by line in memory order: read four
@@ -1172,7 +1171,16 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx, sd):
     in the cache, the rest summed row by row): (100352, 64) cold 1.02-1.15
     -> 1.06-1.07, hot 1.09-1.14 -> 0.96; (50176, 128) cold 1.10-1.22 ->
     1.12-1.14, hot 1.15-1.29 -> 1.11; (8192, 1024) and (4096, 2048)
-    1.00-1.08 -> 0.94-1.01, with or without the prefetch."""
+    1.00-1.08 -> 0.94-1.01, with or without the prefetch.
+
+    Unlike the other gated loops, this one adds ``dy`` to no sink
+    (:func:`_gate`): with the rows prefetched, the sink's three adds and its
+    accumulator's load and store per four rows cost more than the wait it
+    saves. Whole ReLU backward over plain, interleaved against the sunk
+    form: in cache (8192, 64) 1.02-1.13 -> 0.96-1.06, (6272, 256)
+    1.09-1.12 -> 1.01-1.06, (256, 1024) 1.07-1.12 -> 1.03-1.10; from
+    memory (8192, 64) 1.01-1.09 -> 0.96-1.02, (6272, 256) 1.04-1.09 ->
+    1.08-1.11 (the one loss), (100352, 64) 1.03-1.10 -> 1.02-1.13."""
     step = 4 * x.shape[1] * x.itemsize
     ahead = _STREAM_AHEAD_BYTES // step * 4 if step <= _SHORT_RUN_BYTES else 0
     for o in range(r0, r4, 4):
@@ -1194,7 +1202,6 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx, sd):
             h3 = _gate(u3, v3, mc, ac, tc, True, zero)
             sg[c] += (h0 + h1) + (h2 + h3)
             sgx[c] += (h0 * e0 + h1 * e1) + (h2 * e2 + h3 * e3)
-            sd[c] += (u0 + u1) + (u2 + u3)
 
 
 @njit(inline="always")
@@ -1224,7 +1231,7 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
         start = r0
         if relu:
             start = r0 + (r1 - r0) // 4 * 4
-            _rows_relu_sums4(dy, x, r0, start, m, a, t, zero, sg, sgx, sd)
+            _rows_relu_sums4(dy, x, r0, start, m, a, t, zero, sg, sgx)
         for o in range(start, r1):
             xr = x[o]
             gr = dy[o]
