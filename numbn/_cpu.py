@@ -1210,19 +1210,17 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
     into ``psum`` and ``pdot`` (length C): blocks of ``block_rows`` rows
     summed in x's dtype, then float64, row by row, or, under the ReLU, four
     rows at a time (:func:`_rows_relu_sums4`; a block's last rows one by
-    one). (A four-row form of the plain sums was no faster in cache and 1.3x
+    one, without the sink of :func:`_gate`: at most three rows a block).
+    (A four-row form of the plain sums was no faster in cache and 1.3x
     slower from memory.) The plain sums prefetch x and dy ``ahead`` rows
-    ahead. Returns, under the ReLU, the sum of ``dy`` (else 0), for the
-    caller's sink (:func:`_gate`)."""
+    ahead."""
     C = x.shape[1]
-    acc = np.full((3, C), zero)  # not the caller's: see _rows_moments
+    acc = np.full((2, C), zero)  # not the caller's: see _rows_moments
     sg = acc[0]
     sgx = acc[1]
-    sd = acc[2]
     for c in range(C):
         psum[c] = 0.0
         pdot[c] = 0.0
-        sd[c] = zero
     for r0 in range(o0, o1, block_rows):
         r1 = min(r0 + block_rows, o1)
         for c in range(C):
@@ -1240,7 +1238,7 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
             if relu:
                 for c in range(C):
                     xv = _ld(xr[c])
-                    g, sd[c] = _gate_sunk(_ld(gr[c]), sd[c], xv, m[c], a[c], t[c], True, zero)
+                    g = _gate(_ld(gr[c]), xv, m[c], a[c], t[c], True, zero)
                     sg[c] += g
                     sgx[c] += g * (xv - m[c])
             else:
@@ -1253,18 +1251,14 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
         for c in range(C):
             psum[c] += np.float64(sg[c])
             pdot[c] += np.float64(sgx[c])
-    total = 0.0
-    for c in range(C):
-        total += np.float64(sd[c])
-    return total
 
 
 @_Kernel
-def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, psum, pdot, ahead, sink):
+def _sums_rows(dy, x, m, a, t, relu, nsplit, block_rows, zero, psum, pdot, ahead):
     R = x.shape[0]
     for s in prange(nsplit):
-        sink[s] = _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu,
-                             block_rows, zero, psum[s], pdot[s], ahead)
+        _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, m, a, t, relu, block_rows,
+                   zero, psum[s], pdot[s], ahead)
 
 
 @_Kernel
@@ -1504,8 +1498,8 @@ def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, z
         _coefficients_in_dtype(coef, c, mc, ac, tc)
     cols = _spread(coef[:3], g)  # rows 3 and 4 are filled below, then spread
     for s in prange(nsplit):
-        sink[s] = _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, cols[0], cols[1],
-                             cols[2], relu, block_rows, zero, psum[s], pdot[s], ahead)
+        _rows_sums(dy, x, s * R // nsplit, (s + 1) * R // nsplit, cols[0], cols[1], cols[2],
+                   relu, block_rows, zero, psum[s], pdot[s], ahead)
     for s in range(1, nsplit):  # columns innermost: SIMD
         for k in range(x.shape[1]):
             psum[0, k] += psum[s, k]
@@ -1867,8 +1861,7 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
         nsplit = _tasks(x3.size, outer)
         psum, pdot = np.empty((nsplit, x2.shape[1])), np.empty((nsplit, x2.shape[1]))
         _sums_rows.on(x3.size)(dy2, x2, *_repeat((mx, a, t), inner), relu, nsplit,
-                               _block_rows(x2), _zero(x3), psum, pdot, _ahead(x2),
-                               np.empty(nsplit))
+                               _block_rows(x2), _zero(x3), psum, pdot, _ahead(x2))
         sum_g = _by_channel(psum.sum(axis=0), inner)
         sum_gx = _by_channel(pdot.sum(axis=0), inner)
     return sum_g, sum_gx - (m - mx.astype(np.float64)) * sum_g
@@ -1977,7 +1970,7 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
         _backward_rows.on(x3.size)(
             dy2, x2, mean, inv, w, b, relu, training, nsplit, _block_rows(x2), _zero(x3),
             _ahead(x2), np.empty((5, C), _arith(x3)), np.empty((nsplit, cols)),
-            np.empty((nsplit, cols)), np.empty(nsplit), dx2, db, dw, inner,
+            np.empty((nsplit, cols)), np.zeros(nsplit), dx2, db, dw, inner,
             _stream(dx2, x2, dy2))
     else:
         _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK,
