@@ -496,7 +496,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
     Parameters
     ----------
     dy : array of x's shape
-        Gradient of the loss with respect to ``y``.
+        Gradient of the loss with respect to ``y``, of any float dtype; the
+        ``"cpu"`` kernels take it in x's dtype (a copy when it differs).
     x : array
         The forward's input.
     mean, invstd : array (C,)
@@ -611,6 +612,11 @@ def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, rel
     dy3 = contiguous_view(dy, axis) if plan is None else None
     if dy3 is None:
         dy3 = eng.canonical(eng.adopt(dy), plan or Plan.of(x, axis))
+    if eng is _Host and dy3.dtype != x3.dtype:
+        # The kernels take dy in x's dtype, as autograd hands a gradient in
+        # its output's dtype (float64 dy with float32 x failed to compile,
+        # float16 dy with float64 x crashed).
+        dy3 = dy3.astype(x3.dtype)
     kern = eng.kernels()
     if eng is _Host and combine is None:
         # One kernel call from the caller's vectors as they are (the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import HOST_BACKENDS, close
+from conftest import HOST_BACKENDS, LAYOUTS, close, make
 
 import numbn
 from numbn import _reference as ref
@@ -155,3 +155,32 @@ def test_frozen_layer_takes_an_empty_batch():
     assert y.shape == (0, 4, 3, 3)
     assert bn.backward(np.ones_like(y)).shape == y.shape
     np.testing.assert_array_equal(bn.grad_bias, np.zeros(4, np.float32))
+
+
+@pytest.mark.parametrize("xdt", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("gdt", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((6, 3, 5), 1), ((64, 8, 4, 4), 1), ((4, 5, 3), -1),
+                                        ((300, 64), 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_backward_with_dy_of_another_float_dtype(xdt, gdt, shape, axis, layout, rng, cpu_path):
+    """dy of any float dtype with x of any other (float64 dy with float32 x
+    used to fail inside Numba): dx of x's dtype, as the float64 reference
+    gives it to x's precision, through the functions and the layer."""
+    x = make(rng, shape, xdt)
+    dy = make(rng, shape, gdt, mean=0.0, std=1.0)
+    if layout == "transposed":
+        x, dy = LAYOUTS["transposed"](x), LAYOUTS["transposed"](dy)
+    c = shape[axis]
+    w = rng.standard_normal(c).astype(np.float32)
+    _, mean, invstd = numbn.batch_norm_forward(x, w, axis=axis, backend="cpu")
+    dx, dw, db = numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, backend="cpu")
+    ex, ew, eb = numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, backend="numpy")
+    assert dx.dtype == xdt and dw.dtype == np.float32
+    scale = np.abs(ex).max() + 1  # dx is rounded to x's dtype
+    close(dx, ex, xdt, scale=scale)
+    close(dw, ew, xdt, scale=np.abs(ew).max() + 1)
+    close(db, eb, xdt, scale=np.abs(eb).max() + 1)
+    bn = numbn.BatchNorm(c, axis=axis, dtype=np.float32, backend="cpu")
+    bn.weight[...] = w
+    bn(x)
+    close(bn.backward(dy), ex, xdt, scale=scale)
