@@ -337,7 +337,10 @@ class BatchNorm:
         host backend brings device ones back. Values are unchanged either way.
         """
         device = is_device_array(x)
-        if not device and resolve(self.backend, x) == "cuda":
+        # Resolved first, so that a backend that cannot run here raises its
+        # own error before anything moves (BackendUnavailableError, not the
+        # driver's error from a copy to a device that is not there).
+        if resolve(self.backend, x) == "cuda" and not device:
             return  # NumPy input on the cuda backend: either residency works
         for key in ("weight", "bias", "running_mean", "running_var"):
             value = getattr(self, key)

@@ -117,6 +117,30 @@ def test_device_arrays_are_recognised(monkeypatch):
         _dispatch.resolve("cpu", _FakeDeviceArray())
 
 
+@pytest.mark.parametrize("make", [
+    lambda: numbn.BatchNorm(3),
+    lambda: numbn.BatchNorm(3).eval(),
+    lambda: numbn.BatchNorm(3, track_running_stats=False),
+    lambda: numbn.SyncBatchNorm(3),
+])
+def test_layer_on_a_device_array_without_cuda(make, monkeypatch):
+    """A layer given a device array where CUDA cannot run raises the
+    functions' BackendUnavailableError, and nothing moves or changes (the
+    layer used to copy its parameters to the device first, and raised the
+    driver's own error)."""
+    monkeypatch.setattr(_dispatch, "cuda_unavailable_reason", lambda: "no CUDA GPU was found")
+    bn = make()
+    before = bn.state_dict()
+    with pytest.raises(numbn.BackendUnavailableError, match="no CUDA GPU was found"):
+        bn(_FakeDeviceArray())
+    for key, value in bn.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+    assert all(isinstance(getattr(bn, k), (np.ndarray, type(None)))
+               for k in ("weight", "bias", "running_mean", "running_var"))
+    with pytest.raises(TypeError, match="device array"):
+        numbn.BatchNorm(3, backend="cpu")(_FakeDeviceArray())
+
+
 def test_unsupported_array_type():
     with pytest.raises(TypeError, match="NumPy array"):
         numbn.batch_norm_forward([[1.0, 2.0], [3.0, 4.0]])
