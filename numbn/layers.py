@@ -78,8 +78,8 @@ class BatchNorm:
     Raises
     ------
     ValueError
-        Unknown convention, ``num_features < 1``, ``momentum=None`` outside
-        the torch convention.
+        Unknown convention, ``num_features < 1``, a ``momentum`` that is no
+        number, ``momentum=None`` outside the torch convention.
 
     Examples
     --------
@@ -109,6 +109,7 @@ class BatchNorm:
         if self.momentum is None and not conv.momentum_is_new:
             raise ValueError(f"momentum=None (cumulative average) is a torch convention; "
                              f"{convention} needs a number")
+        self._factor(1)  # a momentum that is no number raises here, not at the first forward
         self.eps = conv.eps if eps is _DEFAULT else float(eps)
         self.axis = conv.axis if axis is _DEFAULT else axis
         self.affine = bool(affine)
@@ -172,11 +173,16 @@ class BatchNorm:
         else:
             _engine("cuda").assign(held, value)
 
-    def _factor(self) -> float:
-        """Weight of the new batch in this step's running-statistics update."""
+    def _factor(self, tracked: int) -> float:
+        """Weight of the new batch in the running-statistics update that
+        makes ``num_batches_tracked`` equal ``tracked``."""
         if self.momentum is None:
-            return 1.0 / self.num_batches_tracked
-        m = float(self.momentum)
+            return 1.0 / tracked
+        try:
+            m = float(self.momentum)
+        except (TypeError, ValueError):
+            raise ValueError(f"momentum must be a number (or None in the torch convention), "
+                             f"got {self.momentum!r}") from None
         return m if self.convention.momentum_is_new else 1.0 - m
 
     # -- freezing for fine-tuning ------------------------------------------
@@ -320,11 +326,15 @@ class BatchNorm:
         """After a forward with batch statistics (float64 ``mean`` and biased
         ``var`` of ``n`` values per channel): the observer, the running
         statistics, and what the backward needs."""
+        update = self.training and self.track_running_stats
+        # The factor first: a bad momentum (set after construction) raises
+        # before anything changes.
+        factor = self._factor(self.num_batches_tracked + 1) if update else None
         if self._observer is not None:
             self._observer(self, mean, var, n)
-        if self.training and self.track_running_stats:
+        if update:
             self.num_batches_tracked += 1
-            update_running(self.running_mean, self.running_var, mean, var, n, self._factor(),
+            update_running(self.running_mean, self.running_var, mean, var, n, factor,
                            unbiased=self.convention.unbiased_running_var)
         self._saved = (x, mean, 1.0 / np.sqrt(var + self.eps), True, axis)
 

@@ -195,5 +195,25 @@ def test_constructor_errors():
         numbn.BatchNorm(3, dtype=np.int32)
 
 
+@pytest.mark.parametrize("momentum", ["fast", [0.1], object()])
+def test_momentum_that_is_no_number(momentum, rng):
+    """Refused when the layer is made; set later, the training forward
+    raises before it changes anything (it used to count the batch first)."""
+    with pytest.raises(ValueError, match="momentum must be a number"):
+        numbn.BatchNorm(3, momentum=momentum)
+    bn = numbn.BatchNorm(3)
+    bn.momentum = momentum
+    before = bn.state_dict()
+    with pytest.raises(ValueError, match="momentum must be a number"):
+        bn(make(rng, (8, 3), np.float32))
+    for key, value in bn.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        bn.backward(np.ones((8, 3), np.float32))
+    bn.momentum = "0.5"  # a number as text converts, as float() takes it
+    bn(make(rng, (8, 3), np.float32))
+    assert bn.num_batches_tracked == 1
+
+
 def test_repr():
     assert "convention='flax'" in repr(numbn.BatchNorm(3, convention="flax"))
