@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks
-from ._dispatch import is_device_array, resolve
+from ._dispatch import _check_name, is_device_array, resolve
 from ._reference import _quiet
 from .functional import (
     _check_forward,
@@ -78,8 +78,8 @@ class BatchNorm:
     Raises
     ------
     ValueError
-        Unknown convention, ``num_features < 1``, a ``momentum`` that is no
-        number, ``momentum=None`` outside the torch convention.
+        Unknown convention or backend, ``num_features < 1``, a ``momentum``
+        that is no number, ``momentum=None`` outside the torch convention.
 
     Examples
     --------
@@ -117,7 +117,7 @@ class BatchNorm:
         self.dtype = np.dtype(dtype)
         if self.dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float16, float32 or float64, not {self.dtype}")
-        self.backend = backend
+        self.backend = _check_name(backend)
         _checks.activation(activation)
         self.activation = activation
         self.training = True
@@ -460,16 +460,19 @@ class BatchNorm:
 
     def save(self, path) -> None:
         """Write ``state_dict()`` to an ``.npz`` file (no pickle); ``.npz`` is
-        appended to a path without it, as ``np.savez`` does."""
+        appended to a path without it, as ``np.savez`` does. ``path`` may be
+        a file object open for binary writing."""
         np.savez(path, **self.state_dict())
 
     def load(self, path) -> None:
         """Read a file written by :meth:`save` (or any ``.npz`` of a state dict),
         by the path given to :meth:`save`: ``.npz`` appended when that path is
-        not a file and does not end in it."""
-        path = os.fsdecode(path)
-        if not os.path.isfile(path) and not path.endswith(".npz"):
-            path += ".npz"
+        not a file and does not end in it. ``path`` may be a file object
+        open for binary reading, as :meth:`save` takes one."""
+        if not hasattr(path, "read"):
+            path = os.fsdecode(path)
+            if not os.path.isfile(path) and not path.endswith(".npz"):
+                path += ".npz"
         with np.load(path, allow_pickle=False) as f:
             self.load_state_dict({k: f[k] for k in f.files})
 

@@ -193,6 +193,23 @@ def test_constructor_errors():
         numbn.BatchNorm(0)
     with pytest.raises(TypeError, match="dtype"):
         numbn.BatchNorm(3, dtype=np.int32)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        numbn.BatchNorm(3, backend="gpu")  # when made, as the functions check it per call
+
+
+def test_save_load_file_objects(rng):
+    """save() takes a binary file object (np.savez does), and load() too."""
+    import io
+
+    bn = numbn.BatchNorm(3)
+    bn(make(rng, (6, 3), np.float32))
+    buf = io.BytesIO()
+    bn.save(buf)
+    buf.seek(0)
+    other = numbn.BatchNorm(3)
+    other.load(buf)
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(other.state_dict()[k], v)
 
 
 @pytest.mark.parametrize("momentum", ["fast", [0.1], object()])
