@@ -32,8 +32,13 @@ def array(a, name: str):
     if not (isinstance(a, np.ndarray) or is_device_array(a)):
         raise TypeError(f"{name} must be a NumPy array or a CUDA device array, "
                         f"not {type(a).__name__}")
-    if dtype_of(a) not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, float32 or float64, not {dtype_of(a)}")
+    dt = dtype_of(a)
+    if dt not in FLOAT_DTYPES:
+        if dt.kind == "f" and dt.newbyteorder("=") in FLOAT_DTYPES:
+            raise TypeError(f"{name} is {dt.newbyteorder('=')} of the other byte order "
+                            f"({dt.str}); numbn takes the machine's own, as PyTorch does: "
+                            f"{name}.astype({name}.dtype.newbyteorder('='))")
+        raise TypeError(f"{name} must be float16, float32 or float64, not {dt}")
     return a
 
 

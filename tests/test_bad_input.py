@@ -27,6 +27,12 @@ BAD_CALLS = [
      TypeError, "float16, float32 or float64"),
     ("list x", lambda a: numbn.batch_norm(a["x"].tolist(), a["rm"], a["rv"]),
      TypeError, "NumPy array"),
+    ("x of the other byte order", lambda a: numbn.batch_norm(
+        a["x"].astype(a["x"].dtype.newbyteorder()), a["rm"], a["rv"], training=True),
+     TypeError, "x is float32 of the other byte order"),
+    ("running_var of the other byte order", lambda a: numbn.batch_norm(
+        a["x"], a["rm"], a["rv"].astype(a["rv"].dtype.newbyteorder()), training=True),
+     TypeError, "running_var is float32 of the other byte order"),
     ("1-D x", lambda a: numbn.batch_norm(a["x"][0, 0], a["rm"], a["rv"], training=True),
      ValueError, "at least 2 dimensions"),
     ("axis out of range", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], axis=3),
