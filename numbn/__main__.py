@@ -95,6 +95,14 @@ def main(argv=None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("-v", "--verbose", action="store_true", help="print every case")
     args = parser.parse_args(argv)
+    if "cuda" in (getattr(args, "backend", None) or ()):  # cpu and numpy always run
+        from numbn import _dispatch
+
+        reason = _dispatch.cuda_unavailable_reason()
+        if reason is not None:  # one line, not a failure per case or a traceback
+            print(f"numbn {args.command}: backend 'cuda' is unavailable here: {reason}",
+                  file=sys.stderr)
+            return 2
     return {"info": _info, "bench": _bench, "check": _check}[args.command](args)
 
 

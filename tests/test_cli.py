@@ -45,6 +45,25 @@ def test_check_fails_on_a_wrong_kernel(tmp_path):
     assert r.returncode == 1 and "FAIL" in r.stdout
 
 
+@pytest.mark.parametrize("command", ["check", "bench"])
+def test_unavailable_backend_is_one_clear_line(command, tmp_path):
+    """Asking for CUDA where it cannot run: one line that says why, exit 2,
+    nothing run (`check` printed a failure per case, `bench` a traceback)."""
+    script = tmp_path / "nocuda.py"
+    script.write_text(
+        "import sys\n"
+        "from numbn import _dispatch\n"
+        "_dispatch.cuda_unavailable_reason = lambda: 'no CUDA GPU was found'\n"
+        "from numbn.__main__ import main\n"
+        f"sys.exit(main(['{command}', '--backend', 'cpu', '--backend', 'cuda']))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout == ""
+    assert r.stderr.strip() == (f"numbn {command}: backend 'cuda' is unavailable here: "
+                                "no CUDA GPU was found")
+
+
 @pytest.mark.slow
 def test_bench_quick_json(tmp_path):
     out = tmp_path / "bench.json"
