@@ -58,6 +58,7 @@ contraction forms fused multiply-adds. Neither changes NaN or Inf handling
 
 from __future__ import annotations
 
+import os
 import types
 
 import numba
@@ -93,8 +94,31 @@ class _Kernel:
         self.serial = njit(**_SERIAL)(twin)
 
     def on(self, n_elements: int):
-        """The variant for an input of ``n_elements``."""
-        return self.parallel if n_elements >= _config.CPU_PARALLEL_MIN else self.serial
+        """The variant for an input of ``n_elements``: the serial twin for
+        small inputs, and for every input in a process forked from one whose
+        OpenMP pool had started (:func:`_after_fork`)."""
+        if n_elements >= _config.CPU_PARALLEL_MIN and not _forked_from_openmp:
+            return self.parallel
+        return self.serial
+
+
+#: True in a process forked after the parent started Numba's ``omp`` threading
+#: layer: GNU OpenMP cannot run in such a child, and Numba ends the child
+#: (SIGTERM) at its first parallel region, so a ``multiprocessing`` pool
+#: (Linux's default start method is fork) whose workers call numbn waited
+#: forever for them. Those children run the serial kernels instead.
+_forked_from_openmp = False
+
+
+def _after_fork() -> None:
+    global _forked_from_openmp
+    try:
+        _forked_from_openmp = numba.threading_layer() == "omp"
+    except ValueError:  # no pool in the parent: the child starts its own
+        pass
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 # Loops below index slice views from 0 (``for i in range(n): xr[i]``): a loop
 # whose start is computed keeps Numba's negative-index wraparound check alive
