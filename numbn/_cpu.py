@@ -1715,8 +1715,12 @@ def _stream(y, *read, shared=0) -> bool:
     channel-major view, its inner runs and those of the arrays ``read``
     beside it are contiguous (the line intrinsics load and store whole
     vectors), or, for a rows view (:func:`_row_views`), all are C-contiguous
-    (the rows kernels then stream them as one run, :func:`_stream_row_line`)."""
+    (the rows kernels then stream them as one run, :func:`_stream_row_line`);
+    and ``y`` is aligned to its item size (NumPy's ``flags.aligned``: an
+    array at an odd byte offset into a buffer is not, and crashed)."""
     if max(y.nbytes, shared) < _config.CPU_STREAM_MIN_BYTES:
+        return False
+    if not y.flags.aligned:  # no whole element starts a line: the aligned stores would fault
         return False
     if y.ndim == 2:
         return all(a.flags.c_contiguous for a in (y, *read))

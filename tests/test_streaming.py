@@ -155,3 +155,43 @@ def test_strided_runs_are_not_streamed(rng, monkeypatch, training, axis):
     want = (ref.forward_train(x, w, b, axis=axis)[0] if training
             else ref.normalize(x, rm, rv, w, b, axis=axis))
     close(streamed, want, np.float32)
+
+
+def _unaligned(shape, dtype, byte_offset):
+    """An array of ``shape`` at ``byte_offset`` bytes into a buffer: not
+    aligned to its item size (NumPy's ``flags.aligned`` False) for an offset
+    that is no multiple of it."""
+    dtype = np.dtype(dtype)
+    buf = bytearray(int(np.prod(shape)) * dtype.itemsize + byte_offset)
+    return np.frombuffer(buf, dtype, offset=byte_offset).reshape(shape)
+
+
+@pytest.mark.parametrize("case", [((4, 8, 1000), 1), ((4, 33, 130), -1)], ids=_id)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("byte_offset", [1])
+def test_unaligned_arrays_are_not_streamed(rng, monkeypatch, case, dtype, training,
+                                           byte_offset):
+    """An output (and an input) at an odd byte offset into its buffer: no
+    whole element starts a cache line, so the aligned line stores would
+    fault (they crashed the process); it takes the ordinary stores, and the
+    results are those of aligned arrays."""
+    shape, axis = case
+    x, w, b = _inputs(rng, shape, axis, dtype)
+    c = shape[axis]
+    rm, rv = make(rng, c, w.dtype, 0.0, 1.0), make(rng, c, w.dtype, 2.0, 0.5)
+    xu = _unaligned(shape, dtype, byte_offset)
+    xu[...] = x
+    assert not xu.flags.aligned
+    out = _unaligned(shape, dtype, byte_offset)
+    monkeypatch.setattr(_config, "CPU_STREAM_MIN_BYTES", 0)  # every aligned output streams
+    assert not _cpu._stream(out) and _cpu._stream(np.empty_like(x))
+
+    def run(x, out=None):
+        return numbn.batch_norm(x, rm.copy(), rv.copy(), w, b, training, axis=axis, out=out,
+                                backend="cpu")
+
+    want = run(x)
+    np.testing.assert_array_equal(run(xu, out), want)
+    np.testing.assert_array_equal(run(xu), want)
