@@ -21,6 +21,12 @@ CPU_ROWS_BLOCK = 32768
 #: (forward of (163, 1024, 5, 5) as rows of 25600 columns: 0.65 of the
 #: channel-major time with 8 rows a block, 1.11 with 1; measured).
 CPU_ROWS_BLOCK_MIN_ROWS = 8
+#: At most this many rows a channels-last block: each column of a block is
+#: summed in one accumulator of x's arithmetic dtype (float32 for float32),
+#: so its length bounds the rounding. At C=2 a block of 16384 rows lost the
+#: rest of a column's squares behind one outlier of 1e6 (float32 invstd off
+#: by 3e-5 relative); 512 rows (C >= 64 had no more) keep it to 3.5e-6.
+CPU_ROWS_BLOCK_MAX_ROWS = 512
 
 #: How far ahead (bytes of x) the channels-last statistics and normalisation
 #: kernels prefetch x when it is not cache-resident (``_cpu._ahead``).

@@ -1729,8 +1729,9 @@ def _stream(y, *read, shared=0) -> bool:
 
 def _block_rows(x2) -> int:
     """Rows of a block of the rows view ``x2`` (``_config.CPU_ROWS_BLOCK``,
-    ``_config.CPU_ROWS_BLOCK_MIN_ROWS``)."""
-    return max(_config.CPU_ROWS_BLOCK_MIN_ROWS, _config.CPU_ROWS_BLOCK // max(x2.shape[1], 1))
+    ``_config.CPU_ROWS_BLOCK_MIN_ROWS``, ``_config.CPU_ROWS_BLOCK_MAX_ROWS``)."""
+    rows = _config.CPU_ROWS_BLOCK // max(x2.shape[1], 1)
+    return min(max(_config.CPU_ROWS_BLOCK_MIN_ROWS, rows), _config.CPU_ROWS_BLOCK_MAX_ROWS)
 
 
 def _by_outer(x3) -> bool:

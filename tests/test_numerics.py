@@ -184,3 +184,26 @@ def test_backward_with_dy_of_another_float_dtype(xdt, gdt, shape, axis, layout, 
     bn.weight[...] = w
     bn(x)
     close(bn.backward(dy), ex, xdt, scale=scale)
+
+
+@pytest.mark.parametrize("shape,axis", [((131072, 2), 1), ((16384, 16), 1), ((8, 64, 64, 3), -1)])
+def test_one_outlier_among_many_rows(shape, axis, rng, cpu_path):
+    """One value of 1e6 among unit normals in a few columns of many rows:
+    each column of a rows block is summed in one float32 accumulator, and
+    with 16384 rows a block (C=2) the outlier's square swallowed the rest
+    (invstd off by 3e-5 relative, y by 1e-2). Blocks of at most
+    ``CPU_ROWS_BLOCK_MAX_ROWS`` rows keep the float32 results within their
+    tolerance of the float64 reference, forward and backward."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[(0,) * len(shape)] = 1e6
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, mean, invstd = numbn.batch_norm_forward(x, axis=axis, backend="cpu")
+    y_ref, mean_ref, invstd_ref, _, _ = ref.forward_train(x, axis=axis)
+    close(invstd, invstd_ref, np.float32, err="invstd")
+    close(y, y_ref, np.float32, scale=np.abs(y_ref).max(), err="y")
+    dx, dw, db = numbn.batch_norm_backward(dy, x, mean, invstd, np.ones(shape[axis], np.float32),
+                                           axis=axis, backend="cpu")
+    ex, ew, eb = ref.backward(dy, x, mean, invstd, np.ones(shape[axis]), True, axis)
+    close(dw, ew, np.float32, scale=np.abs(ew).max(), err="dweight")
+    close(db, eb, np.float32, scale=np.abs(eb).max(), err="dbias")
+    close(dx, ex, np.float32, scale=np.abs(ex).max(), err="dx")
