@@ -1717,10 +1717,13 @@ def _stream(y, *read, shared=0) -> bool:
     vectors), or, for a rows view (:func:`_row_views`), all are C-contiguous
     (the rows kernels then stream them as one run, :func:`_stream_row_line`);
     and ``y`` is aligned to its item size (NumPy's ``flags.aligned``: an
-    array at an odd byte offset into a buffer is not, and crashed)."""
+    array at an odd byte offset into a buffer is not, and crashed), and the
+    arrays ``read`` have its item size (float32 dy with float16 x crashed)."""
     if max(y.nbytes, shared) < _config.CPU_STREAM_MIN_BYTES:
         return False
     if not y.flags.aligned:  # no whole element starts a line: the aligned stores would fault
+        return False
+    if any(a.itemsize != y.itemsize for a in read):  # the line intrinsics take one size
         return False
     if y.ndim == 2:
         return all(a.flags.c_contiguous for a in (y, *read))

@@ -497,7 +497,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
     ----------
     dy : array of x's shape
         Gradient of the loss with respect to ``y``, of any float dtype; the
-        ``"cpu"`` kernels take it in x's dtype (a copy when it differs).
+        ``"cpu"`` kernels take it in their arithmetic dtype (float32 for
+        float16 and float32 x, float64 for float64 x; a copy when it is
+        neither x's dtype nor float32 with float16 x).
     x : array
         The forward's input.
     mean, invstd : array (C,)
@@ -613,10 +615,12 @@ def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, rel
     if dy3 is None:
         dy3 = eng.canonical(eng.adopt(dy), plan or Plan.of(x, axis))
     if eng is _Host and dy3.dtype != x3.dtype:
-        # The kernels take dy in x's dtype, as autograd hands a gradient in
-        # its output's dtype (float64 dy with float32 x failed to compile,
-        # float16 dy with float64 x crashed).
-        dy3 = dy3.astype(x3.dtype)
+        # dy in the kernels' arithmetic dtype (float32 for float16 and
+        # float32 x, float64 for float64 x): a copy but for float32 dy with
+        # float16 x, which the kernels take as it is. float64 dy with float32
+        # x failed to compile, float16 dy with float64 x crashed; rounded to
+        # float16 instead, a dy of 1 + 1e-3 noise lost its noise.
+        dy3 = dy3.astype(_cpu_kernels()._arith(x3), copy=False)
     kern = eng.kernels()
     if eng is _Host and combine is None:
         # One kernel call from the caller's vectors as they are (the
