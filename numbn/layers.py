@@ -296,11 +296,14 @@ class BatchNorm:
 
     def _forward(self, x):
         """:meth:`forward` by the general path."""
-        axis, relu = _check_forward(x, self.weight, self.bias, self.axis, None,
-                                    self.activation)
-        if x.shape[axis] != self.num_features:
+        _checks.input_array(x)
+        # The channel count first: with the wrong one, the weight's own
+        # check ("weight must have shape (4,)") would blame the layer's weight.
+        if x.shape[_checks.channel_axis(self.axis, len(x.shape))] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels on axis {self.axis}, "
                              f"got input of shape {tuple(x.shape)}")
+        axis, relu = _check_forward(x, self.weight, self.bias, self.axis, None,
+                                    self.activation)
         if not self._use_batch():
             self._place(x)
             y = _infer(x, self.running_mean, self.running_var, self.weight, self.bias,

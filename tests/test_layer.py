@@ -197,6 +197,23 @@ def test_constructor_errors():
         numbn.BatchNorm(3, backend="gpu")  # when made, as the functions check it per call
 
 
+@pytest.mark.parametrize("make_layer", [
+    lambda: numbn.BatchNorm(3),
+    lambda: numbn.BatchNorm(3).eval(),
+    lambda: numbn.BatchNorm(3, affine=False),
+    lambda: numbn.BatchNorm(3, convention="keras"),
+])
+def test_wrong_channel_count_is_named(make_layer):
+    """Input with another number of channels: the layer says so (it said
+    "weight must have shape (4,)", blaming its own weight), and nothing changes."""
+    bn = make_layer()
+    before = bn.state_dict()
+    with pytest.raises(ValueError, match=r"expected 3 channels on axis -?1, got input of shape"):
+        bn(np.ones((2, 5, 4), np.float32))
+    for key, value in bn.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+
+
 def test_save_load_file_objects(rng):
     """save() takes a binary file object (np.savez does), and load() too."""
     import io
