@@ -27,8 +27,12 @@ def dtype_of(a) -> np.dtype:
 
 def array(a, name: str):
     """``a`` if it is a NumPy or device array of a floating dtype."""
-    if isinstance(a, np.ndarray) and a.dtype in FLOAT_DTYPES:
+    if type(a) is np.ndarray and a.dtype in FLOAT_DTYPES:
         return a  # the common case, checked first: every call validates 3 to 7 arrays
+    if isinstance(a, (np.ma.MaskedArray, np.matrix)):  # subclasses the kernels cannot honour
+        raise TypeError(f"{name} is a {type(a).__module__}.{type(a).__name__}, which numbn "
+                        f"does not take (it would ignore a mask; a matrix stays 2-D): pass "
+                        f"a plain array, e.g. np.asarray({name}) or {name}.filled(value)")
     if not (isinstance(a, np.ndarray) or is_device_array(a)):
         raise TypeError(f"{name} must be a NumPy array or a CUDA device array, "
                         f"not {type(a).__name__}")

@@ -27,6 +27,9 @@ BAD_CALLS = [
      TypeError, "float16, float32 or float64"),
     ("list x", lambda a: numbn.batch_norm(a["x"].tolist(), a["rm"], a["rv"]),
      TypeError, "NumPy array"),
+    ("masked x", lambda a: numbn.batch_norm(np.ma.masked_less(a["x"], 0), a["rm"], a["rv"],
+                                            training=True),
+     TypeError, "x is a numpy.ma.MaskedArray, which numbn does not take"),
     ("x of the other byte order", lambda a: numbn.batch_norm(
         a["x"].astype(a["x"].dtype.newbyteorder()), a["rm"], a["rv"], training=True),
      TypeError, "x is float32 of the other byte order"),
@@ -94,6 +97,19 @@ def test_error_and_nothing_written(arrays, backend, what, call, error, pattern):
         call(arrays)
     for k, v in before.items():
         np.testing.assert_array_equal(arrays[k], v, err_msg=f"{k} changed by a failed call")
+
+
+def test_matrix_is_refused(rng):
+    """np.matrix stays 2-D under every reshape: a TypeError that says what
+    to pass (it was an IndexError from inside the views)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        m = np.asmatrix(rng.standard_normal((4, 3)))
+    for backend in HOST_BACKENDS:
+        with pytest.raises(TypeError, match="x is a numpy.matrix, which numbn does not take"):
+            numbn.batch_norm(m, training=True, backend=backend)
 
 
 def test_layer_errors_leave_state_untouched(rng):
