@@ -127,6 +127,9 @@ def fold_conv(weight, bias, bn: BatchNorm, *, transpose: bool = False):
     else:
         c_in, per_group = weight.shape[:2]
         c = bn.num_features if isinstance(bn, BatchNorm) else per_group
+        if per_group == 0:
+            raise ValueError(f"a transposed convolution weight of shape {weight.shape} has no "
+                             f"output channels (its axis 1, out/groups, is 0)")
         if c % per_group or c_in % (c // per_group):
             raise ValueError(f"a transposed convolution weight of shape {weight.shape} "
                              f"cannot have {c} output channels: (in, out/groups, *kernel) "

@@ -276,6 +276,8 @@ def test_no_running_statistics_is_an_error():
     ((4, 3, 3), True),           # out/groups = 3 does not divide 4
     ((3, 2, 3), True),           # 2 groups of 2 outputs, but 3 inputs do not split in 2
     ((4, 8, 3, 3), True),        # out/groups = 8 > 4
+    ((4, 0, 3), True),           # no output channels (was a ZeroDivisionError)
+    ((0, 2, 3), False),          # no output channels
 ])
 def test_channel_mismatch_is_an_error(shape, transpose):
     with pytest.raises(ValueError, match="channels"):
