@@ -629,8 +629,9 @@ def _gate(g, xv, m, a, t, relu, zero):
     ``threshold_backward``. The test is the forward's own expression, so the
     mask matches the forward; ``relu`` is loop-invariant and LLVM unswitches it.
 
-    Callers under the ReLU (but :func:`_rows_relu_sums4`) also add ``dy`` to
-    a sum that they store and never read (a *sink*): a load whose only use
+    Callers under the ReLU (but the rows sums, :func:`_rows_sums` and
+    :func:`_rows_relu_sums4`) also add ``dy`` to a sum that they store and
+    never read (a *sink*): a load whose only use
     is this select compiles to a masked load (AVX-512), which waits for its
     mask, i.e. for x's load and the arithmetic above. Streaming from memory,
     that made the gated sums 1.3-1.8x the plain time (serial, 25M float32),
