@@ -7,6 +7,7 @@ caller's arrays and the running statistics as they were.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -106,11 +107,45 @@ def output(out, x):
     if isinstance(out, np.ndarray):
         if not out.flags.writeable:
             raise ValueError("out is read-only")
+        if any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
+            raise ValueError("out repeats its elements (a zero stride, as from as_strided): "
+                             "several results would land on each")
         same_view = (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
                      and out.strides == x.strides)
         if not same_view and np.may_share_memory(out, x):
             raise ValueError("out overlaps x without being x itself")
     return out
+
+
+def _real(value, name: str) -> float:
+    """``value`` as a float if it is a real number (a Python or NumPy scalar,
+    or a 0-d array of one), else a TypeError that names it."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
+        return float(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def eps(value) -> float:
+    """``eps`` as a float: a real number, 0 or more. A negative eps (or NaN)
+    is a ValueError, as PyTorch's ``batch_norm`` makes it; 0 is taken (a
+    constant channel then divides by zero, :func:`numbn.batch_norm_forward`'s
+    exact statistics), where PyTorch 2.13 refuses it in training."""
+    if type(value) is float and value >= 0.0:  # the common case, first
+        return value
+    v = _real(value, "eps")
+    if not v >= 0.0:
+        raise ValueError(f"eps must be non-negative, got {v}")
+    return v
+
+
+def momentum(value) -> float:
+    """``momentum`` as a float: a real number (the functions take no None;
+    :class:`numbn.BatchNorm` does, in the torch convention)."""
+    if type(value) is float:
+        return value
+    return _real(value, "momentum")
 
 
 def activation(name):

@@ -298,7 +298,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     momentum : float
         Weight of the new batch in the running-statistics update.
     eps : float
-        Added to the variance before the square root.
+        Added to the variance before the square root; 0 or more.
     axis : int
         The channel axis (negative counts from the end).
     backend : {"auto", "cpu", "cuda", "numpy"}
@@ -314,10 +314,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     Raises
     ------
     TypeError
-        Non-floating dtypes or unsupported array types.
+        Non-floating dtypes or unsupported array types; an ``eps`` (or, in
+        training, a ``momentum``) that is not a real number.
     ValueError
         Wrong shapes, an axis out of range, fewer than two values per channel
-        in training, eval mode without running statistics.
+        in training, eval mode without running statistics, a negative ``eps``.
     BackendUnavailableError
         When the backend asked for cannot run here.
 
@@ -332,6 +333,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     >>> rm, rv  # 0.1 of the batch mean (4.5, 6.5) and unbiased variance (13.1)
     (array([0.45, 0.65], dtype=float32), array([2.21, 2.21], dtype=float32))
     """
+    eps = _checks.eps(eps)
+    if training:
+        momentum = _checks.momentum(momentum)
     if out is None:
         y = _direct_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
                                eps, axis, backend, activation)
@@ -345,7 +349,6 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         if (running_mean is None) != (running_var is None):
             raise ValueError("give both running_mean and running_var, or neither")
         _checks.training_count(x.shape, axis)
-        momentum = float(momentum)
         y, mean, var, n = _train(x, weight, bias, eps, axis, backend, out, relu)
         if running_mean is not None:
             update_running(running_mean, running_var, mean, var, n, momentum, unbiased=True)
@@ -404,9 +407,9 @@ def _direct_batch_norm(x, running_mean, running_var, weight, bias, training, mom
     if done is None:
         return None
     y, mean, var, n = done
-    factor = float(momentum)  # raises where the general path would, before any update
-    if track:  # as update_running, unbiased, without its conversions
-        _cpu_kernels()._update_running(running_mean, running_var, mean, var, n / (n - 1), factor)
+    if track:  # as update_running, unbiased, without its conversions (momentum: a float)
+        _cpu_kernels()._update_running(running_mean, running_var, mean, var, n / (n - 1),
+                                       momentum)
     return y
 
 
@@ -466,13 +469,14 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps: float = 1e-5, axis: in
     >>> mean
     array([ 2., 20.])
     """
+    eps = _checks.eps(eps)
     if out is None:
         done = _direct_train(x, weight, bias, eps, axis, backend, activation)
         if done is not None:
             y, mean, var, _ = done
             dt = _stats_dtype(x)
             mean_out, invstd = np.empty(mean.shape, dt), np.empty(mean.shape, dt)
-            _cpu_kernels().mean_invstd(mean, var, float(eps), mean_out, invstd)
+            _cpu_kernels().mean_invstd(mean, var, eps, mean_out, invstd)
             return y, mean_out, invstd
     return _forward(x, weight, bias, eps, axis, backend, out, activation)
 

@@ -62,6 +62,7 @@ class BatchNorm:
         The convention's default when omitted. ``None`` (torch only) gives a
         cumulative average, factor ``1 / num_batches_tracked``.
     eps : float, optional
+        0 or more; the convention's default when omitted.
     axis : int, optional
         Channel axis (1 for torch and paddle, -1 for keras and flax).
     affine : bool
@@ -79,7 +80,10 @@ class BatchNorm:
     ------
     ValueError
         Unknown convention or backend, ``num_features < 1``, a ``momentum``
-        that is no number, ``momentum=None`` outside the torch convention.
+        that is no number, ``momentum=None`` outside the torch convention, a
+        negative ``eps``.
+    TypeError
+        An ``eps`` that is not a real number.
 
     Examples
     --------
@@ -110,7 +114,7 @@ class BatchNorm:
             raise ValueError(f"momentum=None (cumulative average) is a torch convention; "
                              f"{convention} needs a number")
         self._factor(1)  # a momentum that is no number raises here, not at the first forward
-        self.eps = conv.eps if eps is _DEFAULT else float(eps)
+        self.eps = conv.eps if eps is _DEFAULT else _checks.eps(eps)
         self.axis = conv.axis if axis is _DEFAULT else axis
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)

@@ -86,6 +86,31 @@ BAD_CALLS = [
         a["x"].astype(np.int64), a["x"], a["rm"], a["rv"]), TypeError, "dy must be float"),
     ("forward one value", lambda a: numbn.batch_norm_forward(a["x"][:1, :, :1]),
      ValueError, "more than 1 value per channel"),
+    ("eps a string", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], training=True,
+                                                eps="1e-5"),
+     TypeError, "eps must be a real number, got '1e-5'"),
+    ("eps None", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], eps=None),
+     TypeError, "eps must be a real number, got None"),
+    ("eps an array", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], training=True,
+                                                eps=np.full(3, 1e-5)),
+     TypeError, "eps must be a real number"),
+    ("negative eps in eval", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], eps=-1.0),
+     ValueError, "eps must be non-negative, got -1.0"),
+    ("NaN eps in training", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], training=True,
+                                                       eps=float("nan")),
+     ValueError, "eps must be non-negative, got nan"),
+    ("forward negative eps", lambda a: numbn.batch_norm_forward(a["x"], eps=-1e-5),
+     ValueError, "eps must be non-negative"),
+    ("momentum a string", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], training=True,
+                                                     momentum="0.1"),
+     TypeError, "momentum must be a real number, got '0.1'"),
+    ("momentum None", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], training=True,
+                                                 momentum=None),
+     TypeError, "momentum must be a real number, got None"),
+    ("out with a zero stride", lambda a: numbn.batch_norm(
+        a["x"], a["rm"], a["rv"], training=True,
+        out=np.lib.stride_tricks.as_strided(np.empty(15, np.float32), (4, 3, 5), (0, 20, 4))),
+     ValueError, "out repeats its elements"),
 ]
 
 
@@ -123,6 +148,30 @@ def test_layer_errors_leave_state_untouched(rng):
             bn(x)
     for k, v in bn.state_dict().items():
         np.testing.assert_array_equal(v, state[k])
+
+
+def test_layer_eps_is_checked_when_made():
+    with pytest.raises(TypeError, match="eps must be a real number, got '0.001'"):
+        numbn.BatchNorm(3, eps="0.001")
+    with pytest.raises(ValueError, match="eps must be non-negative, got -0.001"):
+        numbn.BatchNorm(3, convention="keras", eps=-1e-3)
+
+
+@pytest.mark.parametrize("eps", [0, 0.0, 1e-3, np.float32(1e-3), np.float64(1e-3),
+                                 np.array(1e-3), np.int64(0)])
+@pytest.mark.parametrize("momentum", [0.1, np.float32(0.25), np.array(0.5), 1])
+def test_eps_and_momentum_of_any_real_type(eps, momentum, rng):
+    """NumPy scalars, 0-d arrays and ints are taken as the floats they hold."""
+    x = rng.standard_normal((6, 3, 4)).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y = numbn.batch_norm(x, rm, rv, training=True, momentum=momentum, eps=eps)
+    rm_ref, rv_ref = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y_ref = numbn.batch_norm(x, rm_ref, rv_ref, training=True, momentum=float(momentum),
+                             eps=float(eps), backend="numpy")
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rm, rm_ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rv, rv_ref, rtol=1e-6, atol=1e-7)
+    assert numbn.BatchNorm(3, eps=eps, momentum=momentum).eps == float(eps)
 
 
 def test_backward_before_forward():
