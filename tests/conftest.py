@@ -6,6 +6,11 @@ Every numeric comparison in the suite takes its tolerance from ``TOL`` here.
 from __future__ import annotations
 
 import importlib.util
+import os
+
+# Keras 3 runs on the backend named here when it is first imported
+# (tests/test_oracles.py): PyTorch, which the compare extra installs.
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np
 import pytest

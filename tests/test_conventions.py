@@ -66,16 +66,3 @@ def test_momentum_none_only_for_torch():
 def test_unknown_convention():
     with pytest.raises(ValueError, match="unknown convention"):
         numbn.BatchNorm(3, convention="caffe")
-
-
-def test_keras_layer_when_available(rng):
-    keras = pytest.importorskip("keras", reason="Keras is not installed; the documented "
-                                "formulas above are the check")
-    layer = keras.layers.BatchNormalization()
-    bn = numbn.BatchNorm(3, convention="keras", dtype=np.float32)
-    for step in range(3):
-        x = make(rng, (8, 4, 4, 3), np.float32, step, 2)
-        y_k = np.asarray(layer(x, training=True))
-        close(bn(x), y_k, np.float32, scale=10)
-    close(bn.running_mean, np.asarray(layer.moving_mean), np.float32, scale=10)
-    close(bn.running_var, np.asarray(layer.moving_variance), np.float32, scale=10)
