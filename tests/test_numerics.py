@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import HOST_BACKENDS, LAYOUTS, close, make
+from conftest import DTYPES, HOST_BACKENDS, LAYOUTS, close, make
 
 import numbn
 from numbn import _reference as ref
@@ -222,3 +222,25 @@ def test_one_outlier_among_many_rows(shape, axis, rng, cpu_path):
     close(dw, ew, np.float32, scale=np.abs(ew).max(), err="dweight")
     close(db, eb, np.float32, scale=np.abs(eb).max(), err="dbias")
     close(dx, ex, np.float32, scale=np.abs(ex).max(), err="dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [1, 2, 3, 16, 60, 64, 100, 128, 129])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_rows_backward_sums_in_tiles(dtype, C, layout, rng, cpu_path):
+    """The plain backward sums of a rows view take its rows in flat tiles
+    (``numbn._cpu._TILE`` elements, several rows each when C is short; the
+    rows of a block that fill no tile one by one): every C around the tile
+    sizes, a row count that is no multiple of any tile's rows and spans
+    several blocks. A strided view has no flat run and is summed row by row."""
+    shape = (1037, C)
+    x = make(rng, shape, dtype)
+    dy = make(rng, shape, dtype, mean=0.2, std=1.0)
+    if layout == "sliced":
+        x, dy = LAYOUTS["sliced"](x), LAYOUTS["sliced"](dy)
+    w = rng.standard_normal(C).astype(np.float32)
+    _, mean, invstd = numbn.batch_norm_forward(x, w, backend="cpu")
+    got = numbn.batch_norm_backward(dy, x, mean, invstd, w, backend="cpu")
+    want = numbn.batch_norm_backward(dy, x, mean, invstd, w, backend="numpy")
+    for g, e in zip(got, want):
+        close(g, e, dtype, scale=np.abs(e).max() + 1)
