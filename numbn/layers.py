@@ -69,7 +69,12 @@ class BatchNorm:
         Learnable ``weight`` (ones) and ``bias`` (zeros); None when False.
     track_running_stats : bool
         Keep running statistics; when False, batch statistics are used in eval
-        mode too, as in PyTorch.
+        mode too, as in PyTorch. As there, a layer whose ``running_mean`` and
+        ``running_var`` are set to None uses batch statistics in both modes,
+        and one switched to False after it has them still uses them in eval
+        mode but no longer updates them. Running statistics set by hand are
+        checked at the next forward (both or neither, C floats, writable when
+        updated).
     dtype : numpy dtype
         Of the parameters and running statistics (float32 by default).
     backend : {"auto", "cpu", "cuda", "numpy"}
@@ -271,9 +276,31 @@ class BatchNorm:
         return self._forward(x) if y is None else y
 
     def _use_batch(self) -> bool:
-        """Whether a forward normalises with the batch's statistics; a frozen
-        layer uses its running statistics in training mode too (freeze())."""
-        return (self.training and not self._frozen) or not self.track_running_stats
+        """Whether a forward normalises with the batch's statistics: in
+        training mode (a frozen layer uses its running statistics then too,
+        freeze()), and in eval mode when there are no running statistics
+        (``track_running_stats=False``, or both set to None), as in PyTorch,
+        which decides by the buffers, not the flag."""
+        return (self.training and not self._frozen) or (self.running_mean is None
+                                                         and self.running_var is None)
+
+    def _updates(self) -> bool:
+        """Whether a forward with batch statistics updates the running ones
+        (and counts the batch): in training mode, unfrozen, tracking."""
+        return self.training and not self._frozen and self.track_running_stats
+
+    def _check_running(self) -> None:
+        """Check the running statistics as the functions check theirs, before
+        anything changes: they may have been set since the layer was made.
+        Both None (no running statistics) or both vectors of ``num_features``
+        floats, writable when this forward updates them."""
+        rm, rv = self.running_mean, self.running_var
+        if (rm is None) != (rv is None):
+            raise ValueError("running_mean and running_var must both be arrays or both None "
+                             "(None: batch statistics in every mode, as in PyTorch)")
+        update = self._use_batch() and self._updates()
+        _checks.vector(rm, self.num_features, "running_mean", writable=update)
+        _checks.vector(rv, self.num_features, "running_var", writable=update)
 
     def _direct_forward(self, x):
         """:meth:`forward` by the functions' direct path
@@ -288,7 +315,7 @@ class BatchNorm:
             if y is not None:
                 self._save_running(x, axis % x.ndim)
             return y
-        update = self.training and self.track_running_stats
+        update = self._updates() and self.running_mean is not None
         done = _direct_train(x, self.weight, self.bias, self.eps, axis, self.backend,
                              self.activation,
                              *((self.running_mean, self.running_var) if update else ()))
@@ -308,6 +335,7 @@ class BatchNorm:
                              f"got input of shape {tuple(x.shape)}")
         axis, relu = _check_forward(x, self.weight, self.bias, self.axis, None,
                                     self.activation)
+        self._check_running()
         if not self._use_batch():
             self._place(x)
             y = _infer(x, self.running_mean, self.running_var, self.weight, self.bias,
@@ -333,14 +361,16 @@ class BatchNorm:
         """After a forward with batch statistics (float64 ``mean`` and biased
         ``var`` of ``n`` values per channel): the observer, the running
         statistics, and what the backward needs."""
-        update = self.training and self.track_running_stats
+        count = self._updates() and self.num_batches_tracked is not None
+        update = self._updates() and self.running_mean is not None
         # The factor first: a bad momentum (set after construction) raises
         # before anything changes.
-        factor = self._factor(self.num_batches_tracked + 1) if update else None
+        factor = self._factor(self.num_batches_tracked + 1 if count else 1) if update else None
         if self._observer is not None:
             self._observer(self, mean, var, n)
-        if update:
+        if count:  # as PyTorch, also when the running statistics were set to None
             self.num_batches_tracked += 1
+        if update:
             update_running(self.running_mean, self.running_var, mean, var, n, factor,
                            unbiased=self.convention.unbiased_running_var)
         self._saved = (x, mean, 1.0 / np.sqrt(var + self.eps), True, axis)

@@ -266,6 +266,7 @@ class SyncBatchNorm(BatchNorm):
                                  f"got input of shape {tuple(x.shape)}")
             axis, relu = _check_forward(x, self.weight, self.bias, self.axis, None,
                                         self.activation)
+            self._check_running()
             eng = _engine(resolve(self.backend, x))
             if _empty(x):  # take part in the collective; nothing to launch
                 c = self.num_features

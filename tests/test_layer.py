@@ -251,3 +251,84 @@ def test_momentum_that_is_no_number(momentum, rng):
 
 def test_repr():
     assert "convention='flax'" in repr(numbn.BatchNorm(3, convention="flax"))
+
+
+def test_running_stats_set_to_none_mean_batch_statistics(rng):
+    """Running statistics set to None after the layer was made: batch
+    statistics in eval mode too, nothing updated, the batch still counted,
+    as PyTorch does (it decides by the buffers). Before, eval gave NaN or
+    values read past the arrays, and training failed after counting."""
+    x = make(rng, (8, 3, 4), np.float32)
+    want, _, _ = numbn.batch_norm_forward(x)
+    for training in (True, False):
+        bn = numbn.BatchNorm(3).train(training)
+        bn.running_mean = bn.running_var = None
+        close(bn(x), want, np.float32)
+        assert bn.running_mean is None and bn.running_var is None
+        assert bn.num_batches_tracked == int(training)
+        dx = bn.backward(np.ones_like(x))
+        close(dx, np.zeros_like(x), np.float32)  # batch statistics: sum(dx) over a channel is 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("change,error,pattern", [
+    (lambda bn: setattr(bn, "running_var", None), ValueError, "must both be arrays or both None"),
+    (lambda bn: setattr(bn, "running_mean", np.zeros(2, np.float32)), ValueError,
+     r"running_mean must have shape \(3,\)"),
+    (lambda bn: setattr(bn, "running_var", np.ones(4, np.float32)), ValueError,
+     r"running_var must have shape \(3,\)"),
+    (lambda bn: setattr(bn, "running_mean", np.zeros(3, np.int64)), TypeError,
+     "running_mean must be float16, float32 or float64, not int64"),
+    (lambda bn: setattr(bn, "running_var", np.ones((3, 1), np.float32)), ValueError,
+     "running_var must have shape"),
+])
+def test_running_stats_set_badly_are_refused(change, error, pattern, training, rng):
+    """Running statistics the caller set since the layer was made are checked
+    as the functions check theirs, before anything changes (a length-2
+    running_mean was written past its end, an int64 one truncated)."""
+    bn = numbn.BatchNorm(3).train(training)
+    bn(make(rng, (8, 3), np.float32))
+    change(bn)
+    held = {k: (None if v is None else np.array(v)) for k, v in
+            (("running_mean", bn.running_mean), ("running_var", bn.running_var))}
+    tracked = bn.num_batches_tracked
+    with pytest.raises(error, match=pattern):
+        bn(make(rng, (8, 3), np.float32))
+    assert bn.num_batches_tracked == tracked
+    for k, v in held.items():
+        now = getattr(bn, k)
+        assert (now is None) == (v is None)
+        if v is not None:
+            np.testing.assert_array_equal(now, v)
+
+
+def test_read_only_running_stats(rng):
+    """Read-only running statistics (from np.load(mmap_mode="r"), say) serve
+    eval mode; training, which updates them, is refused before it counts."""
+    x = make(rng, (8, 3), np.float32)
+    bn = numbn.BatchNorm(3)
+    bn.running_mean = np.full(3, 0.5, np.float32)
+    bn.running_mean.flags.writeable = False
+    with pytest.raises(ValueError, match="running_mean is read-only"):
+        bn(x)
+    assert bn.num_batches_tracked == 0
+    bn.eval()
+    close(bn(x), (x - 0.5) / np.sqrt(1 + bn.eps), np.float32)
+
+
+def test_tracking_switched_off_after_training(rng):
+    """track_running_stats set to False on a layer that has running
+    statistics: eval mode still normalises with them, and training neither
+    updates them nor counts the batch (PyTorch passes them only when it
+    tracks, and decides by the buffers)."""
+    x = make(rng, (8, 3), np.float32)
+    bn = numbn.BatchNorm(3)
+    bn(x)
+    rm, rv = bn.running_mean.copy(), bn.running_var.copy()
+    bn.track_running_stats = False
+    bn(x)
+    np.testing.assert_array_equal(bn.running_mean, rm)
+    np.testing.assert_array_equal(bn.running_var, rv)
+    assert bn.num_batches_tracked == 1
+    bn.eval()
+    close(bn(x), (x - rm) / np.sqrt(rv + bn.eps), np.float32)
