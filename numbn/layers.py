@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,6 +37,15 @@ class Convention:
     axis: int
     momentum_is_new: bool
     unbiased_running_var: bool
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :meth:`BatchNorm.load_state_dict` returns, as PyTorch's
+    ``load_state_dict`` does: the layer's keys the state lacked, and the
+    state's keys the layer has no use for."""
+
+    missing_keys: list
+    unexpected_keys: list
 
 
 CONVENTIONS = {
@@ -450,28 +460,48 @@ class BatchNorm:
                 state[key] = np.array(_engine_host(value), dtype=self.dtype)
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, strict: bool = True) -> IncompatibleKeys:
         """Load a state (PyTorch's keys); every entry is checked before any change.
 
         Values are copied into the arrays the layer holds, in place, as
         PyTorch's ``load_state_dict`` does: references to ``weight`` and the
         other arrays taken before (an optimiser's) see the loaded values.
 
+        Parameters
+        ----------
+        state : mapping of str to array
+        strict : bool
+            As in PyTorch: True, the keys must be the layer's; False, keys the
+            layer does not have are ignored and its keys that ``state`` lacks
+            keep their values. Either way a state without
+            ``num_batches_tracked`` (PyTorch's before 0.4.1) keeps the layer's
+            count, as PyTorch does.
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``(missing_keys, unexpected_keys)``, lists, as PyTorch returns them
+            (empty with ``strict=True``, which raises instead).
+
         Raises
         ------
         ValueError
-            Missing or unexpected keys, wrong shapes, wrong dtypes, a
-            ``num_batches_tracked`` that is not one integer of int64's range;
-            the layer is left untouched.
+            Missing or unexpected keys (``strict=True``), wrong shapes, wrong
+            dtypes, a ``num_batches_tracked`` that is not one integer of
+            int64's range; the layer is left untouched.
         """
         expected = self._expected_state()
-        missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
+        if "num_batches_tracked" not in state:
+            expected.pop("num_batches_tracked", None)
+        missing = sorted(set(expected) - set(state))
+        if strict and (missing or unexpected):
             raise ValueError(f"state does not match the layer: missing {missing}, "
                              f"unexpected {unexpected}")
         staged = {}
         for key, shape in expected.items():
+            if key not in state:
+                continue
             value = np.asarray(state[key])
             # PyTorch takes num_batches_tracked of shape (1,) too (old checkpoints).
             if value.shape != shape and not (key == "num_batches_tracked"
@@ -494,6 +524,7 @@ class BatchNorm:
                 self.num_batches_tracked = value
             else:
                 self._write(key, value)
+        return IncompatibleKeys(missing, unexpected)
 
     def save(self, path) -> None:
         """Write ``state_dict()`` to an ``.npz`` file (no pickle); ``.npz`` is

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import close, make
+from conftest import close, make, requires_torch
 
 import numbn
 from numbn import _reference as ref
@@ -332,3 +332,41 @@ def test_tracking_switched_off_after_training(rng):
     assert bn.num_batches_tracked == 1
     bn.eval()
     close(bn(x), (x - rm) / np.sqrt(rv + bn.eps), np.float32)
+
+
+def test_state_without_num_batches_tracked_loads(rng):
+    """A state from before PyTorch 0.4.1 has no num_batches_tracked: PyTorch
+    loads it and keeps the layer's count; so does numbn (it raised)."""
+    bn = numbn.BatchNorm(3)
+    bn(make(rng, (6, 3), np.float32))
+    state = bn.state_dict()
+    del state["num_batches_tracked"]
+    state["running_mean"] = state["running_mean"] + 1
+    assert bn.load_state_dict(state) == ([], [])
+    np.testing.assert_array_equal(bn.running_mean, state["running_mean"])
+    assert bn.num_batches_tracked == 1
+
+
+@requires_torch
+def test_strict_false_as_pytorch(rng):
+    """load_state_dict(strict=False): the state's keys the layer has are
+    loaded (checked as ever), the rest ignored, the layer's keys it lacks
+    kept; the (missing_keys, unexpected_keys) result is PyTorch's."""
+    import torch
+
+    state = numbn.BatchNorm(3).state_dict()
+    state["running_mean"] = np.arange(3, dtype=np.float32)
+    del state["running_var"], state["bias"]
+    state["extra"] = np.zeros(2, np.float32)
+    bn = numbn.BatchNorm(3)
+    tbn = torch.nn.BatchNorm1d(3)
+    got = bn.load_state_dict(state, strict=False)
+    want = tbn.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()},
+                               strict=False)
+    assert got.missing_keys == sorted(want.missing_keys) == ["bias", "running_var"]
+    assert got.unexpected_keys == sorted(want.unexpected_keys) == ["extra"]
+    for k, v in tbn.state_dict().items():
+        np.testing.assert_array_equal(bn.state_dict()[k], v.numpy(), err_msg=k)
+    with pytest.raises(ValueError, match="weight must have shape"):  # present keys are checked
+        bn.load_state_dict({"weight": np.ones(4, np.float32)}, strict=False)
+    np.testing.assert_array_equal(bn.weight, np.ones(3, np.float32))
