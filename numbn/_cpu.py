@@ -20,7 +20,11 @@ the innermost loop runs along contiguous channels. Contiguous channel-major
 input with short runs (small H*W) takes the row-major kernels too, each row
 ``C * inner`` columns wide, the columns merged per channel afterwards
 (:func:`_row_views`). Either way a task owns its partial results and the
-partials are merged afterwards; no two threads write one location.
+partials are merged afterwards; no two threads write one location. Rows of
+``_TILE // 2`` columns or fewer are taken several at a time as one flat run
+(a tile) where the arrays are C-contiguous, so that a short row costs no
+loop of its own (:func:`_rows_tiled_sums`, :func:`_affine_tiles`,
+:func:`_apply_tiles`).
 
 Variance: each task reduces blocks of ``_config.CPU_BLOCK`` elements and
 merges blocks and tasks with Chan's formula. A block's sums are shifted by the
@@ -1075,6 +1079,24 @@ def _affine_rows_streamed(x, o0, o1, m, a, t, relu, zero, y, ahead):
     _affine_elements(x, y, f0 + body, f1, m, a, t, relu, zero)
 
 
+#: Elements (a whole number of rows) that the rows kernels take as one flat
+#: run when a row is at most half as long (:func:`_rows_tiled_sums`,
+#: :func:`_apply_tiles`, :func:`_affine_tiles`).
+_TILE = 256
+
+
+def _flat(a):
+    """The 2-D ``a`` as one flat run when it is C-contiguous, else an empty
+    array (in a kernel: Numba reshapes only contiguous arrays)."""
+
+
+@overload(_flat)
+def _flat_typed(a):
+    if a.layout == "C":
+        return lambda a: a.reshape(-1)
+    return lambda a: np.empty(0, a.dtype)
+
+
 @njit(inline="always")
 def _tiled(coef, line):
     """The per-column coefficient rows ``coef`` (``(r, K)``) extended by
@@ -1089,18 +1111,48 @@ def _tiled(coef, line):
 
 
 @njit(inline="always")
+def _affine_tiles(x, y, xf, yf, o0, o1, tc, relu, zero, ahead):
+    """Rows of ``o0:o1`` of :func:`_affine_row_range` in flat tiles of whole
+    rows (:func:`_apply_tiles`); returns the first row not done."""
+    C = x.shape[1]
+    W = tc.shape[1]
+    k = W // C
+    m, a, t = tc[0], tc[1], tc[2]
+    o = o0
+    while o + k <= o1:
+        _prefetch_rows(x, o + ahead, k if ahead else 0)
+        xr = xf[o * C:o * C + W]
+        yr = yf[o * C:o * C + W]
+        if relu:  # two loops, as _affine_run
+            for j in range(W):
+                yr[j] = _st(yr, _relu_bn(_ld(xr[j]), m[j], a[j], t[j], zero))
+        else:
+            for j in range(W):
+                yr[j] = _st(yr, (_ld(xr[j]) - m[j]) * a[j] + t[j])
+        o += k
+    return o
+
+
+@njit(inline="always")
 def _affine_row_tasks(x, coef, relu, zero, y, nsplit, ahead, stream):
     """The rows elementwise forward: ``nsplit`` tasks of adjacent rows;
     with ``stream``, each task's rows as one run of memory
-    (:func:`_affine_rows_streamed`), ending with a fence."""
+    (:func:`_affine_rows_streamed`), ending with a fence; else rows of at
+    most ``_TILE // 2`` columns in flat tiles (:func:`_affine_tiles`)."""
     R = x.shape[0]
+    C = x.shape[1]
     tiled = _tiled(coef, 64 // y.itemsize) if stream else coef
+    xf, yf = _flat(x), _flat(y)
+    k = _TILE // C if not stream and min(xf.size, yf.size) > 0 else 0
+    tc = _tiled(coef, (k - 1) * C) if k > 1 else coef
     for s in prange(nsplit):
         o0, o1 = s * R // nsplit, (s + 1) * R // nsplit
         if stream:
             _affine_rows_streamed(x, o0, o1, tiled[0], tiled[1], tiled[2], relu, zero, y, ahead)
             _store_fence()
         else:
+            if k > 1:
+                o0 = _affine_tiles(x, y, xf, yf, o0, o1, tc, relu, zero, ahead)
             _affine_row_range(x, o0, o1, coef[0], coef[1], coef[2], relu, zero, y, ahead)
 
 
@@ -1227,23 +1279,6 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
             h3 = _gate(u3, v3, mc, ac, tc, True, zero)
             sg[c] += (h0 + h1) + (h2 + h3)
             sgx[c] += (h0 * e0 + h1 * e1) + (h2 * e2 + h3 * e3)
-
-
-#: Elements (a whole number of rows) that :func:`_rows_tiled_sums` sums as
-#: one flat run, when a row is shorter.
-_TILE = 256
-
-
-def _flat(a):
-    """The 2-D ``a`` as one flat run when it is C-contiguous, else an empty
-    array (in a kernel: Numba reshapes only contiguous arrays)."""
-
-
-@overload(_flat)
-def _flat_typed(a):
-    if a.layout == "C":
-        return lambda a: a.reshape(-1)
-    return lambda a: np.empty(0, a.dtype)
 
 
 @njit(inline="always")
@@ -1436,6 +1471,28 @@ def _apply_rows_streamed(dy, x, o0, o1, m, a, t, relu, b, d, dx, zero, ahead):
 
 
 @njit(inline="always")
+def _apply_tiles(dy, x, dx, xf, gf, df, o0, o1, tc, ahead):
+    """Rows of ``o0:o1`` of the plain apply (as :func:`_apply_row_range`) in
+    flat tiles of whole rows (:func:`_rows_tiled_sums`), ``tc`` the
+    coefficients repeated over a tile's rows; returns the first row not done."""
+    C = x.shape[1]
+    W = tc.shape[1]
+    k = W // C
+    m, a, b, d = tc[0], tc[1], tc[3], tc[4]
+    o = o0
+    while o + k <= o1:
+        _prefetch_rows(x, o + ahead, k if ahead else 0)
+        _prefetch_rows(dy, o + ahead, k if ahead else 0)
+        xr = xf[o * C:o * C + W]
+        gr = gf[o * C:o * C + W]
+        dr = df[o * C:o * C + W]
+        for j in range(W):
+            dr[j] = _st(dr, _ld(gr[j]) * a[j] + (_ld(xr[j]) - m[j]) * b[j] + d[j])
+        o += k
+    return o
+
+
+@njit(inline="always")
 def _apply_row_tasks(dy, x, coef, relu, dx, nsplit, ahead, zero, stream, sink):
     """The rows backward apply, ``coef`` its rows m, a, t, b, d per column:
     ``nsplit`` tasks of adjacent rows, each adding its sum of ``dy`` to
@@ -1443,7 +1500,11 @@ def _apply_row_tasks(dy, x, coef, relu, dx, nsplit, ahead, zero, stream, sink):
     of memory instead (:func:`_apply_rows_streamed`, no sink), ending with a
     fence."""
     R = x.shape[0]
+    C = x.shape[1]
     tiled = _tiled(coef, 64 // dx.itemsize) if stream else coef
+    xf, gf, df = _flat(x), _flat(dy), _flat(dx)
+    k = _TILE // C if not stream and not relu and min(xf.size, gf.size, df.size) > 0 else 0
+    tc = _tiled(coef, (k - 1) * C) if k > 1 else coef
     for s in prange(nsplit):
         o0, o1 = s * R // nsplit, (s + 1) * R // nsplit
         if stream:
@@ -1451,6 +1512,8 @@ def _apply_row_tasks(dy, x, coef, relu, dx, nsplit, ahead, zero, stream, sink):
                                  tiled[4], dx, zero, ahead)
             _store_fence()
         else:
+            if k > 1:
+                o0 = _apply_tiles(dy, x, dx, xf, gf, df, o0, o1, tc, ahead)
             sink[s] += _apply_row_range(dy, x, o0, o1, coef[0], coef[1], coef[2], relu,
                                         coef[3], coef[4], dx, ahead, zero)
 

@@ -227,20 +227,34 @@ def test_one_outlier_among_many_rows(shape, axis, rng, cpu_path):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C", [1, 2, 3, 16, 60, 64, 100, 128, 129])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced"])
-def test_rows_backward_sums_in_tiles(dtype, C, layout, rng, cpu_path):
-    """The plain backward sums of a rows view take its rows in flat tiles
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_rows_in_tiles(dtype, C, layout, activation, rng, cpu_path):
+    """Short rows of a rows view are taken in flat tiles of whole rows
     (``numbn._cpu._TILE`` elements, several rows each when C is short; the
-    rows of a block that fill no tile one by one): every C around the tile
-    sizes, a row count that is no multiple of any tile's rows and spans
-    several blocks. A strided view has no flat run and is summed row by row."""
+    rows of a block or task that fill no tile one by one): the backward's
+    sums (without the ReLU) and the elementwise passes of the forward, the
+    eval and the backward. Every C around the tile sizes, a row count that
+    is no multiple of any tile's rows and spans several blocks; a strided
+    view has no flat run and goes row by row."""
     shape = (1037, C)
     x = make(rng, shape, dtype)
     dy = make(rng, shape, dtype, mean=0.2, std=1.0)
     if layout == "sliced":
         x, dy = LAYOUTS["sliced"](x), LAYOUTS["sliced"](dy)
     w = rng.standard_normal(C).astype(np.float32)
-    _, mean, invstd = numbn.batch_norm_forward(x, w, backend="cpu")
-    got = numbn.batch_norm_backward(dy, x, mean, invstd, w, backend="cpu")
-    want = numbn.batch_norm_backward(dy, x, mean, invstd, w, backend="numpy")
+    b = rng.standard_normal(C).astype(np.float32)
+    rm, rv = rng.standard_normal(C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)
+    got_f = numbn.batch_norm_forward(x, w, b, backend="cpu", activation=activation)
+    want_f = numbn.batch_norm_forward(x, w, b, backend="numpy", activation=activation)
+    for g, e in zip(got_f, want_f):
+        close(g, e, dtype, scale=np.abs(e).max() + 1)
+    got_e = numbn.batch_norm(x, rm, rv, w, b, backend="cpu", activation=activation)
+    want_e = numbn.batch_norm(x, rm, rv, w, b, backend="numpy", activation=activation)
+    close(got_e, want_e, dtype, scale=np.abs(want_e).max() + 1)
+    _, mean, invstd = want_f
+    got = numbn.batch_norm_backward(dy, x, mean, invstd, w, bias=b, backend="cpu",
+                                    activation=activation)
+    want = numbn.batch_norm_backward(dy, x, mean, invstd, w, bias=b, backend="numpy",
+                                     activation=activation)
     for g, e in zip(got, want):
         close(g, e, dtype, scale=np.abs(e).max() + 1)
