@@ -547,14 +547,59 @@ def _merge_partials(pn, pmean, pm2, mean, var):
         var[c] = var[c] / n if n > 0 else np.nan
 
 
-@njit(cache=True, error_model="numpy")
-def _merge(pn, pmean, pm2, mean, var):
-    _merge_partials(pn, pmean, pm2, mean, var)
+@njit(inline="always")
+def _plain_mean(x, c):
+    """The mean of channel ``c`` of ``x`` (``(outer, C, inner)``), summed in
+    float64 in memory order, unshifted.
+
+    For a channel whose shifted moments gave a NaN mean: one holding an
+    infinity (the shift, or a partial's mean, is then infinite, and ``inf -
+    inf`` is NaN). Summed plainly, as PyTorch's CPU kernel sums it, a
+    channel with +inf in it (and no -inf or NaN) has mean +inf, as there;
+    its variance is NaN in both."""
+    acc = 0.0
+    for o in range(x.shape[0]):
+        for i in range(x.shape[2]):
+            acc += np.float64(_ld(x[o, c, i]))
+    return acc / (x.shape[0] * x.shape[2])
+
+
+@njit(inline="always")
+def _plain_nan_means(x, mean):
+    """:func:`_plain_mean` for every channel of ``x`` (``(outer, C, inner)``)
+    whose ``mean`` is NaN."""
+    for c in range(mean.shape[0]):
+        if mean[c] != mean[c]:
+            mean[c] = _plain_mean(x, c)
+
+
+@njit(inline="always")
+def _plain_nan_means_rows(x, g, mean):
+    """:func:`_plain_nan_means` for a rows view ``x`` (``(outer, C * g)``,
+    :func:`_row_views`): channel ``c`` is columns ``c * g`` to ``c * g + g``."""
+    for c in range(mean.shape[0]):
+        if mean[c] != mean[c]:
+            acc = 0.0
+            for o in range(x.shape[0]):
+                for k in range(c * g, c * g + g):
+                    acc += np.float64(_ld(x[o, k]))
+            mean[c] = acc / (x.shape[0] * g)
 
 
 @njit(cache=True, error_model="numpy")
-def _group(cmean, cvar, g, mean, var):
-    _merge_groups(cmean, cvar, g, mean, var)
+def _merge(x, pn, pmean, pm2, mean, var):
+    """Merge the partials of :func:`stats` (and each channel's columns, when
+    they are several per channel in a rows view of ``x``, :func:`_merge_groups`)
+    into ``mean`` and ``var``, then redo the NaN means
+    (:func:`_plain_nan_means`) from ``x``, the ``(outer, C, inner)`` view."""
+    g = pmean.shape[1] // mean.shape[0]
+    if g == 1:
+        _merge_partials(pn, pmean, pm2, mean, var)
+    else:
+        cmean, cvar = np.empty(pmean.shape[1]), np.empty(pmean.shape[1])
+        _merge_partials(pn, pmean, pm2, cmean, cvar)
+        _merge_groups(cmean, cvar, g, mean, var)
+    _plain_nan_means(x, mean)
 
 
 @njit(inline="always")
@@ -1540,6 +1585,8 @@ def _train_fused(x, w, b, eps, relu, block, zero, cells, y, mean_out, var_out, s
         cell = cells[c]
         n, mean, m2 = _span_moments(x, c, 0, outer * inner, block, zero, cell[0:1])
         var = m2 / n
+        if mean != mean:
+            mean = _plain_mean(x, c)
         mean_out[c] = mean
         var_out[c] = var
         a = w[c] / np.sqrt(var + eps)
@@ -1639,6 +1686,7 @@ def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y,
         cmean, cvar = np.empty(x.shape[1]), np.empty(x.shape[1])
         _merge_partials(pn, pmean, pm2, cmean, cvar)
         _merge_groups(cmean, cvar, g, mean, var)
+    _plain_nan_means_rows(x, g, mean)
     _affine_row_tasks(x, _eval_coefficients(zero, mean, var, w, b, eps, g), relu, zero, y,
                       nsplit, ahead, stream)
 
@@ -1919,12 +1967,8 @@ def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                           np.empty((nsplit, x2.shape[1])))
         _stats_rows.on(x3.size)(x2, nsplit, _block_rows(x2), _zero(x3), pn, pmean, pm2,
                                 _ahead(x2))
-    mean, var = np.empty(pmean.shape[1]), np.empty(pmean.shape[1])
-    _merge(pn, pmean, pm2, mean, var)
-    if inner > 1 and views is not None:
-        grouped = (np.empty(C), np.empty(C))
-        _group(mean, var, inner, *grouped)
-        return grouped
+    mean, var = np.empty(C), np.empty(C)
+    _merge(x3, pn, pmean, pm2, mean, var)
     return mean, var
 
 

@@ -132,3 +132,34 @@ def test_float16_forward_matches_torch_float32_compute(torch, rng):
     expected = torch.nn.functional.batch_norm(torch.tensor(x.astype(np.float32)), None, None,
                                               training=True).numpy()
     close(numbn.batch_norm(x, training=True), expected, np.float16)
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 3, 5, 7), 1), ((64, 3, 40), 1), ((6, 5, 7, 3), -1),
+                                        ((300, 3), 1)])
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("values", [(np.inf,), (-np.inf, -np.inf), (np.inf, -np.inf)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_infinity_gives_the_statistics_torch_gives(torch, rng, shape, axis, where, values,
+                                                   dtype, layout, cpu_path):
+    """A channel holding +inf has mean +inf in PyTorch (its variance NaN);
+    the shifted sums made it NaN (inf - inf). +inf and -inf together: NaN."""
+    from conftest import LAYOUTS
+
+    x = make(rng, shape, dtype)
+    channel = np.moveaxis(x, axis, 0)[1]  # a view: writes land in x
+    at = 0 if where == "first" else channel.size - len(values)
+    for k, v in enumerate(values):
+        channel[np.unravel_index(at + k, channel.shape)] = v
+    x = LAYOUTS[layout](x)
+    tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, axis, 1)))
+    c = shape[axis]
+    trm, trv = torch.zeros(c, dtype=tx.dtype), torch.ones(c, dtype=tx.dtype)
+    _, tmean, _ = torch.ops.aten.native_batch_norm(tx, None, None, trm, trv, True, 0.1, 1e-5)
+    _, mean, _ = numbn.batch_norm_forward(x, axis=axis, backend="cpu")
+    rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+    numbn.batch_norm(x, rm, rv, training=True, axis=axis, backend="cpu")
+    for ours, theirs in ((mean, tmean), (rm, trm), (rv, trv)):
+        theirs = theirs.numpy()
+        np.testing.assert_array_equal(ours[1], theirs[1])  # inf as inf, NaN as NaN
+        close(ours[[0, 2]], theirs[[0, 2]], dtype)
