@@ -299,6 +299,11 @@ class BatchNorm:
         (and counts the batch): in training mode, unfrozen, tracking."""
         return self.training and not self._frozen and self.track_running_stats
 
+    def _updates_running(self) -> bool:
+        """Whether a forward with batch statistics updates running statistics
+        that exist (:meth:`_updates`; they may have been set to None)."""
+        return self._updates() and self.running_mean is not None
+
     def _check_running(self) -> None:
         """Check the running statistics as the functions check theirs, before
         anything changes: they may have been set since the layer was made.
@@ -325,7 +330,7 @@ class BatchNorm:
             if y is not None:
                 self._save_running(x, axis % x.ndim)
             return y
-        update = self._updates() and self.running_mean is not None
+        update = self._updates_running()
         done = _direct_train(x, self.weight, self.bias, self.eps, axis, self.backend,
                              self.activation,
                              *((self.running_mean, self.running_var) if update else ()))
@@ -372,7 +377,7 @@ class BatchNorm:
         ``var`` of ``n`` values per channel): the observer, the running
         statistics, and what the backward needs."""
         count = self._updates() and self.num_batches_tracked is not None
-        update = self._updates() and self.running_mean is not None
+        update = self._updates_running()
         # The factor first: a bad momentum (set after construction) raises
         # before anything changes.
         factor = self._factor(self.num_batches_tracked + 1 if count else 1) if update else None
