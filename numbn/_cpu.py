@@ -282,31 +282,45 @@ def _span_moments(x, c, f0, f1, block, zero, cell):
     first = True
     run_bytes = inner * x.itemsize
     ahead = _AHEAD_BYTES // run_bytes if run_bytes <= _SHORT_RUN_BYTES else 0
-    for o in range(f0 // inner, (f1 + inner - 1) // inner):
-        i0 = max(f0 - o * inner, 0)
-        i1 = min(f1 - o * inner, inner)
-        if ahead and o + ahead < x.shape[0]:
-            _prefetch_run(x[o + ahead, c])
-        for b0 in range(i0, i1, block):
-            xr = x[o, c, b0:min(b0 + block, i1)]
-            nb = np.float64(xr.shape[0])
-            if first:  # the shift: the mean of a few of the first chunk's values
-                cell[0] = _probe_shift(xr, zero)
-                sh = cell[0]
-                first = False
-            d1, d2 = _shifted_chunk(xr, sh, zero)
-            if _too_far(d1, d2, nb):
-                if ns > 0.0:
-                    n, mean, m2 = _fold_merge(n, mean, m2, ns, sh, d1s, d2s)
-                    ns, d1s, d2s = 0.0, 0.0, 0.0
-                d1, d2 = _own_mean_sums(xr, zero, cell, 0)
-                sh = cell[0]
-            ns += nb
-            d1s += d1
-            d2s += d2
+    if f0 % inner == 0 and f1 % inner == 0 and inner <= block:
+        # Whole runs, each one chunk: no chunk loop (as _channel_sums).
+        for o in range(f0 // inner, f1 // inner):
+            if ahead and o + ahead < x.shape[0]:
+                _prefetch_run(x[o + ahead, c])
+            first, sh, n, mean, m2, ns, d1s, d2s = _span_step(
+                x[o, c], zero, cell, first, sh, n, mean, m2, ns, d1s, d2s)
+    else:
+        for o in range(f0 // inner, (f1 + inner - 1) // inner):
+            i0 = max(f0 - o * inner, 0)
+            i1 = min(f1 - o * inner, inner)
+            if ahead and o + ahead < x.shape[0]:
+                _prefetch_run(x[o + ahead, c])
+            for b0 in range(i0, i1, block):
+                first, sh, n, mean, m2, ns, d1s, d2s = _span_step(
+                    x[o, c, b0:min(b0 + block, i1)], zero, cell, first, sh, n, mean, m2, ns,
+                    d1s, d2s)
     if ns > 0.0:
         n, mean, m2 = _fold_merge(n, mean, m2, ns, sh, d1s, d2s)
     return n, mean, m2
+
+
+@njit(inline="always")
+def _span_step(xr, zero, cell, first, sh, n, mean, m2, ns, d1s, d2s):
+    """One chunk ``xr`` of :func:`_span_moments`'s loop: its state
+    ``first, sh, n, mean, m2, ns, d1s, d2s`` updated."""
+    nb = np.float64(xr.shape[0])
+    if first:  # the shift: the mean of a few of the first chunk's values
+        cell[0] = _probe_shift(xr, zero)
+        sh = cell[0]
+        first = False
+    d1, d2 = _shifted_chunk(xr, sh, zero)
+    if _too_far(d1, d2, nb):
+        if ns > 0.0:
+            n, mean, m2 = _fold_merge(n, mean, m2, ns, sh, d1s, d2s)
+            ns, d1s, d2s = 0.0, 0.0, 0.0
+        d1, d2 = _own_mean_sums(xr, zero, cell, 0)
+        sh = cell[0]
+    return first, sh, n, mean, m2, ns + nb, d1s + d1, d2s + d2
 
 
 @_Kernel
@@ -1609,6 +1623,33 @@ def _backward_vectors(mean, inv, w, b, c):
     return np.float64(mean[c]), invc, np.float64(w[c]) * invc, np.float64(b[c])
 
 
+@njit(inline="always")
+def _channel_sums(dy, x, c, block, m, a, t, relu, zero):
+    """:func:`_chunk_sums` of channel ``c`` of ``dy`` and ``x`` (``(outer, C,
+    inner)``) added up in float64, in chunks of at most ``block`` values.
+    Runs that fit in one chunk are taken whole, without the chunk loop: with
+    it, the fused backward of (64, 256, 14, 14) float32 (196-value runs) took
+    1.10-1.15x as long (measured)."""
+    acc_g = 0.0
+    acc_gx = 0.0
+    acc_d = 0.0
+    if x.shape[2] <= block:
+        for o in range(x.shape[0]):
+            sg, sgx, sd = _chunk_sums(dy[o, c], x[o, c], m, a, t, relu, zero)
+            acc_g += sg
+            acc_gx += sgx
+            acc_d += sd
+        return acc_g, acc_gx, acc_d
+    for o in range(x.shape[0]):
+        for b0 in range(0, x.shape[2], block):
+            b1 = min(b0 + block, x.shape[2])
+            sg, sgx, sd = _chunk_sums(dy[o, c, b0:b1], x[o, c, b0:b1], m, a, t, relu, zero)
+            acc_g += sg
+            acc_gx += sgx
+            acc_d += sd
+    return acc_g, acc_gx, acc_d
+
+
 @_Kernel
 def _backward_fused(dy, x, mean, inv, w, b, relu, training, block, zero, cells, sink, dx,
                     db_out, dw_out, stream):
@@ -1624,17 +1665,7 @@ def _backward_fused(dy, x, mean, inv, w, b, relu, training, block, zero, cells, 
         ar = _cast(cell, 1, ac)
         shift = mc - np.float64(mr)
         tr = _cast(cell, 2, tc - shift * ac)
-        acc_g = 0.0
-        acc_gx = 0.0
-        acc_d = 0.0
-        for o in range(outer):
-            for b0 in range(0, inner, block):
-                b1 = min(b0 + block, inner)
-                sg, sgx, sd = _chunk_sums(dy[o, c, b0:b1], x[o, c, b0:b1], mr, ar, tr, relu,
-                                          zero)
-                acc_g += sg
-                acc_gx += sgx
-                acc_d += sd
+        acc_g, acc_gx, acc_d = _channel_sums(dy, x, c, block, mr, ar, tr, relu, zero)
         acc_gx -= shift * acc_g
         db_out[c] = acc_g
         dw_out[c] = acc_gx * invc
