@@ -632,19 +632,25 @@ def _plain_nan_means_rows(x, g, mean):
             mean[c] = acc / (x.shape[0] * g)
 
 
-@njit(cache=True, error_model="numpy")
-def _merge(x, pn, pmean, pm2, mean, var):
-    """Merge the partials of :func:`stats` (and each channel's columns, when
-    they are several per channel in a rows view of ``x``, :func:`_merge_groups`)
-    into ``mean`` and ``var``, then redo the NaN means
-    (:func:`_plain_nan_means`) from ``x``, the ``(outer, C, inner)`` view."""
-    g = pmean.shape[1] // mean.shape[0]
+@njit(inline="always")
+def _merge_channels(pn, pmean, pm2, g, mean, var):
+    """:func:`_merge_partials` of columns, then, when each channel has ``g``
+    columns (a rows view, :func:`_row_views`), :func:`_merge_groups`."""
     if g == 1:
         _merge_partials(pn, pmean, pm2, mean, var)
     else:
         cmean, cvar = np.empty(pmean.shape[1]), np.empty(pmean.shape[1])
         _merge_partials(pn, pmean, pm2, cmean, cvar)
         _merge_groups(cmean, cvar, g, mean, var)
+
+
+@njit(cache=True, error_model="numpy")
+def _merge(x, pn, pmean, pm2, mean, var):
+    """Merge the partials of :func:`stats` (and each channel's columns, when
+    they are several per channel in a rows view of ``x``, :func:`_merge_groups`)
+    into ``mean`` and ``var``, then redo the NaN means
+    (:func:`_plain_nan_means`) from ``x``, the ``(outer, C, inner)`` view."""
+    _merge_channels(pn, pmean, pm2, pmean.shape[1] // mean.shape[0], mean, var)
     _plain_nan_means(x, mean)
 
 
@@ -1748,12 +1754,7 @@ def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y,
     for s in prange(nsplit):
         pn[s] = _rows_moments(x, s * R // nsplit, (s + 1) * R // nsplit, block_rows, zero,
                               pmean[s], pm2[s], ahead)
-    if g == 1:
-        _merge_partials(pn, pmean, pm2, mean, var)
-    else:
-        cmean, cvar = np.empty(x.shape[1]), np.empty(x.shape[1])
-        _merge_partials(pn, pmean, pm2, cmean, cvar)
-        _merge_groups(cmean, cvar, g, mean, var)
+    _merge_channels(pn, pmean, pm2, g, mean, var)
     _plain_nan_means_rows(x, g, mean)
     _affine_row_tasks(x, _eval_coefficients(zero, mean, var, w, b, eps, g), relu, zero, y,
                       nsplit, ahead, stream)
