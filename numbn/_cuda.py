@@ -56,7 +56,9 @@ output dtype's rounding):
   few hundred per thread): no E[x^2] - E[x]^2 cancellation, and no division
   per element as Welford's update needs (the float64 division is slow on
   GPUs). Threads, warps and blocks are then merged with Chan's formula.
-  Pinned by the large-mean case of ``tests/test_cuda.py``.
+  Pinned by the large-mean case of ``tests/test_cuda.py``. A channel
+  holding an infinity makes them NaN (inf - inf); :func:`stats` then sums
+  that channel plainly, so its mean is +inf or -inf as a plain sum gives.
 * Block merges use warp shuffles on a GPU and a shared-memory tree under
   Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), which has no
   shuffles; the choice is made when the kernels are built, at first use.
@@ -889,7 +891,16 @@ def stats(x3) -> tuple[np.ndarray, np.ndarray]:
     if outer * inner == 0 or C == 0:
         return np.zeros(C), np.full(C, np.nan)
     coef = _coef(_stream(x3), np.zeros(1))
-    return _reduce(_kernels().stats, x3, x3, coef, False)
+    mean, var = _reduce(_kernels().stats, x3, x3, coef, False)
+    lost = np.isnan(mean)
+    if lost.any():
+        # An infinity in a channel makes the shifted sums NaN (inf - inf),
+        # where the mean of a plain sum is +inf or -inf (NaN with both signs
+        # or a NaN), as PyTorch's and the "cpu" backend's. The sums kernels
+        # with dy = x and m = 0 give that plain float64 sum.
+        total, _ = _reduce(_kernels().sums, x3, x3, _coef(_stream(x3), np.zeros(C)), False)
+        mean[lost] = total[lost] / (outer * inner)
+    return mean, var
 
 
 def normalize(x3, m, a, t, relu, y3, shared=0) -> None:

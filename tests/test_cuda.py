@@ -176,6 +176,29 @@ def test_nan_confined_to_channel(rng):
 
 
 @requires_cuda
+@pytest.mark.parametrize("shape,axis", [((3, 3, 2, 11), 1), ((2, 3, 2, 3), -1), ((7, 3), 1)])
+@pytest.mark.parametrize("values", [(np.inf,), (-np.inf, -np.inf), (np.inf, -np.inf)])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_infinity_gives_the_mean_of_the_cpu_backend(shape, axis, values, where, rng):
+    """A channel holding +inf has mean +inf (its variance NaN), as on the
+    "cpu" backend and in PyTorch; the shifted sums alone made it NaN. The
+    running mean that a training step leaves follows it."""
+    x = make(rng, shape, np.float32)
+    channel = np.moveaxis(x, axis, 0)[1]
+    at = 0 if where == "first" else channel.size - len(values)
+    for k, v in enumerate(values):
+        channel[np.unravel_index(at + k, channel.shape)] = v
+    _, mean, invstd = numbn.batch_norm_forward(_dev(x), axis=axis)
+    _, cpu_mean, cpu_invstd = numbn.batch_norm_forward(x, axis=axis, backend="cpu")
+    np.testing.assert_array_equal(_host(mean)[1], cpu_mean[1])  # inf as inf, NaN as NaN
+    assert np.isnan(_host(invstd)[1]) and np.isnan(cpu_invstd[1])
+    close(_host(mean)[[0, 2]], cpu_mean[[0, 2]], np.float32)
+    bn = numbn.BatchNorm(3, axis=axis)
+    bn(_dev(x))
+    np.testing.assert_array_equal(_host(bn.running_mean)[1], np.float32(0.1 * cpu_mean[1]))
+
+
+@requires_cuda
 def test_numpy_input(rng):
     """NumPy in with backend="cuda": copied to the device and back; "auto"
     keeps NumPy on the CPU (under the simulator too)."""
