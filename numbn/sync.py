@@ -133,18 +133,29 @@ def chan_merge(counts: np.ndarray, means: np.ndarray, m2s: np.ndarray):
     m2 = np.asarray(m2s, np.float64)
     # A pairwise tree, not a left fold: rounding grows with log(P), not P
     # (tests/test_sync.py::test_chan_merge_equals_the_whole).
-    while n.shape[0] > 1:
-        k = n.shape[0] // 2 * 2
-        na, nb = n[0:k:2], n[1:k:2]
-        total = na + nb
-        frac = np.divide(nb, total, out=np.zeros_like(total), where=total > 0)
-        delta = mean[1:k:2] - mean[0:k:2]
-        merged = (mean[0:k:2] + delta * frac,
-                  m2[0:k:2] + m2[1:k:2] + delta * delta * (na * frac))
-        n = np.concatenate([total, n[k:]])
-        mean = np.concatenate([merged[0], mean[k:]])
-        m2 = np.concatenate([merged[1], m2[k:]])
+    with np.errstate(invalid="ignore"):  # NaN and inf pass silently, as in the kernels
+        while n.shape[0] > 1:
+            n, mean, m2 = _merge_pairs(n, mean, m2)
     return int(n[0, 0]), mean[0], m2[0]
+
+
+def _merge_pairs(n, mean, m2):
+    """One level of :func:`chan_merge`'s tree: rows 0 and 1, 2 and 3, ... merged."""
+    k = n.shape[0] // 2 * 2
+    na, nb = n[0:k:2], n[1:k:2]
+    total = na + nb
+    frac = np.divide(nb, total, out=np.zeros_like(total), where=total > 0)
+    ma, mb = mean[0:k:2], mean[1:k:2]
+    delta = mb - ma
+    merged = (ma + delta * frac, m2[0:k:2] + m2[1:k:2] + delta * delta * (na * frac))
+    # A rank's channel holding an infinity has an infinite mean, and the
+    # update above is then inf - inf; the weighted mean gives what one
+    # plain sum over the whole batch gives (+-inf, NaN with both signs).
+    odd = ~(np.isfinite(ma) & np.isfinite(mb))
+    if odd.any():
+        merged = (np.where(odd, (na * ma + nb * mb) / total, merged[0]), merged[1])
+    return (np.concatenate([total, n[k:]]), np.concatenate([merged[0], mean[k:]]),
+            np.concatenate([merged[1], m2[k:]]))
 
 
 class _Synced(tuple):

@@ -186,6 +186,31 @@ def test_chan_merge_equals_the_whole(sizes, seed):
     np.testing.assert_allclose(m2, ((x - x.mean(0)) ** 2).sum(0), rtol=1e-9)
 
 
+@pytest.mark.parametrize("sizes", [(3, 4), (0, 5, 2), (4, 0), (1, 1, 1, 1, 1)])
+def test_chan_merge_keeps_an_infinite_mean(sizes):
+    """A rank whose channel holds an infinity has an infinite mean; the merge
+    gives the whole batch's mean (+inf, -inf, NaN with both signs or a NaN),
+    not the NaN of inf - inf. Column 0 is finite, for comparison."""
+    x = np.random.default_rng(0).standard_normal((sum(sizes), 6))
+    last = sum(sizes) - 1
+    x[0, 1] = np.inf
+    x[last, 2] = np.inf
+    x[0, 3] = np.inf
+    x[last, 3] = -np.inf
+    x[last, 4] = np.nan
+    x[0, 5], x[last, 5] = -np.inf, -np.inf
+    parts = np.split(x, np.cumsum(sizes)[:-1])
+    with np.errstate(invalid="ignore"):
+        means = np.array([p.mean(0) if len(p) else np.zeros(6) for p in parts])
+        m2s = np.array([((p - p.mean(0)) ** 2).sum(0) if len(p) else np.zeros(6)
+                        for p in parts])
+        whole = x.mean(0)
+    n, mean, m2 = chan_merge(np.array(sizes), means, m2s)
+    np.testing.assert_array_equal(mean[1:], whole[1:])
+    np.testing.assert_allclose(mean[0], whole[0], rtol=1e-13)
+    assert np.isnan(m2[1:]).all()
+
+
 # -- several ranks as threads ---------------------------------------------------------
 
 
@@ -228,6 +253,26 @@ def test_threads_equal_batchnorm_on_the_whole_batch(convention, sizes):
             np.testing.assert_allclose(bn.running_var, ref.running_var, rtol=TOL64)
             np.testing.assert_allclose(bn.running_mean, ref.running_mean, atol=TOL64)
             assert bn.num_batches_tracked == ref.num_batches_tracked
+
+
+@pytest.mark.parametrize("sizes", [(2, 4), (0, 5, 1)], ids=["uneven", "empty-rank"])
+def test_threads_running_mean_of_an_infinity_as_batchnorm(sizes):
+    """A channel holding +inf on one rank, another -inf on one and +inf on
+    another: the running means are those of BatchNorm on the whole batch
+    (+inf, NaN), not NaN from the merge's inf - inf."""
+    world = ThreadWorld(len(sizes))
+    x = np.random.default_rng(3).standard_normal((sum(sizes), 3))
+    x[1, 1] = np.inf
+    x[0, 2], x[-1, 2] = -np.inf, np.inf
+    ref = numbn.BatchNorm(3, backend="numpy")
+    ref(x)
+    layers = [numbn.SyncBatchNorm(3, comm=ThreadComm(world, r), backend="numpy")
+              for r in range(world.size)]
+    world.run(lambda comm: layers[comm.rank](x[_slices(sizes)[comm.rank]]))
+    assert np.isposinf(ref.running_mean[1]) and np.isnan(ref.running_mean[2])
+    for bn in layers:
+        np.testing.assert_array_equal(bn.running_mean[1:], ref.running_mean[1:])
+        np.testing.assert_allclose(bn.running_mean[0], ref.running_mean[0], rtol=TOL64)
 
 
 def test_threads_eval_mode_communicates_nothing():
