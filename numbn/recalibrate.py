@@ -20,6 +20,7 @@ import numpy as np
 
 from .functional import _engine
 from .layers import BatchNorm, _engine_host
+from .sync import chan_merge
 
 __all__ = ["recalibrate"]
 
@@ -51,13 +52,9 @@ class _Total:
         if count == 0:
             return
         mean = _host64(mean)
-        m2 = _host64(var_biased) * count
-        total = self.count + count
-        frac = count / total
-        delta = mean - self.mean
-        self.mean = self.mean + delta * frac
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * frac)
-        self.count = total
+        self.count, self.mean, self.m2 = chan_merge(
+            np.array([self.count, count]), np.stack([self.mean, mean]),
+            np.stack([self.m2, _host64(var_biased) * count]))
         self.batches += 1
 
 

@@ -191,3 +191,22 @@ def test_nested_blocks_share_the_batches():
         bn(batches[2])
     assert_stats(bn, *population(batches[:3], 1, unbiased=True))
     assert not bn.training
+
+
+def test_an_infinity_gives_the_mean_of_all_the_data():
+    """A batch whose channel holds +inf: the re-estimated mean of that channel
+    is +inf, as the mean of everything seen is, not the NaN of inf - inf
+    in the merge; the other channels are exact as usual."""
+    rng = np.random.default_rng(1)
+    bn = numbn.BatchNorm(3, dtype=np.float64)
+    batches = [rng.standard_normal((6, 3)) for _ in range(3)]
+    batches[1][2, 1] = np.inf
+    with numbn.recalibrate(bn):
+        for b in batches:
+            bn(b)
+    whole = np.concatenate(batches)
+    assert np.isposinf(bn.running_mean[1]) and np.isnan(bn.running_var[1])
+    rtol = TOL[np.dtype(np.float64)][0]
+    finite = whole[:, [0, 2]]
+    np.testing.assert_allclose(bn.running_mean[[0, 2]], finite.mean(0), rtol=rtol)
+    np.testing.assert_allclose(bn.running_var[[0, 2]], finite.var(0, ddof=1), rtol=rtol)
