@@ -150,6 +150,21 @@ def _ld(typingctx, v):
 
 
 @intrinsic
+def _relu_floor(typingctx, arr):
+    """The largest ReLU input that x's dtype stores as 0, in the arithmetic
+    dtype: 2**-25 for float16 (the tie between 0 and the least subnormal,
+    2**-24, rounds to 0), else 0 (float32 and float64 x are stored as
+    computed). The backward's mask (:func:`_gate`) passes above it, so it
+    passes exactly where the forward's stored output is positive."""
+    half = _is_half(arr.dtype)
+    ty = numba.types.float32 if half else arr.dtype
+
+    def codegen(context, builder, signature, args):
+        return context.get_constant(ty, 2.0 ** -25 if half else 0.0)
+    return ty(arr), codegen
+
+
+@intrinsic
 def _st(typingctx, arr, v):
     """``v`` as an element of ``arr``: rounded to nearest, ties to even, as
     NumPy's ``astype``; for a float16 ``arr`` (seen as uint16), the float16
@@ -724,11 +739,13 @@ def _affine_span(xr, yr, m, a, t, relu, zero):
 
 
 @njit(inline="always")
-def _gate(g, xv, m, a, t, relu, zero):
+def _gate(g, xv, m, a, t, relu, zero, lo):
     """``dy``, or ``zero`` where the fused ReLU did not pass its input: 0 at
     the boundary ``(x - m) * a + t == 0`` (and for NaN), as torch's
-    ``threshold_backward``. The test is the forward's own expression, so the
-    mask matches the forward; ``relu`` is loop-invariant and LLVM unswitches it.
+    ``threshold_backward``. The test is the forward's own expression, against
+    ``lo`` (:func:`_relu_floor`), so the mask matches the forward's stored
+    output (float16 stores an input in (0, 2**-25] as 0); ``relu`` is
+    loop-invariant and LLVM unswitches it.
 
     Callers under the ReLU (but the rows sums, :func:`_rows_sums` and
     :func:`_rows_relu_sums4`) also add ``dy`` to a sum that they store and
@@ -738,16 +755,16 @@ def _gate(g, xv, m, a, t, relu, zero):
     that made the gated sums 1.3-1.8x the plain time (serial, 25M float32),
     1.04x with the sink; the whole ReLU backward of (8192, 64) from memory
     went from 1.94x plain to 1.25x (measured)."""
-    keep = (not relu) | ((xv - m) * a + t > 0.0)  # a select, not a branch: vectorises
+    keep = (not relu) | ((xv - m) * a + t > lo)  # a select, not a branch: vectorises
     return g if keep else zero
 
 
 @njit(inline="always")
-def _gate_sunk(u, sd, xv, m, a, t, relu, zero):
+def _gate_sunk(u, sd, xv, m, a, t, relu, zero, lo):
     """:func:`_gate` of ``u``, and the sink ``sd`` with ``u`` added under the ReLU."""
     if relu:
         sd += u
-    return _gate(u, xv, m, a, t, relu, zero), sd
+    return _gate(u, xv, m, a, t, relu, zero, lo), sd
 
 
 @intrinsic
@@ -836,6 +853,10 @@ class _Halves:
                 out.append(v)
         return out
 
+    def relu_floor(self):
+        """:func:`_relu_floor` of the stored type, as a vector."""
+        return ir.Constant(self.arith, [2.0 ** -25 if self.size == 2 else 0.0] * self.lanes)
+
     def where(self, keep, v):
         """``v`` where ``keep``, else 0."""
         return self.builder.select(keep, v, self.zero)
@@ -902,7 +923,7 @@ def _apply_line(h, loaded, scalars):
     b = h.builder
     dy, x = loaded
     m, a, t, bc, dc = scalars[:3] + scalars[4:]
-    above = b.fcmp_ordered(">", h.affine(x, m, a, t), h.zero)
+    above = b.fcmp_ordered(">", h.affine(x, m, a, t), h.relu_floor())  # _relu_floor
     g = h.where(b.or_(b.not_(h.flag(scalars[3])), above), dy)  # _gate
     fma = h.fma()
     return b.call(fma, [g, a, b.call(fma, [b.fsub(x, m), bc, dc])])  # as _fma's
@@ -971,11 +992,12 @@ def _chunk_sums(gr, xr, m, a, t, relu, zero):
     """``sum(g)`` and ``sum(g * (x - m))`` of one chunk, summed in x's dtype
     and returned in float64 (``g`` is ``dy`` gated by the fused ReLU), and,
     under the ReLU, ``sum(dy)`` (else 0) for the caller's sink (:func:`_gate`)."""
+    lo = _relu_floor(xr)
     sg = zero
     sgx = zero
     sd = zero
     for i in range(xr.shape[0]):
-        g, sd = _gate_sunk(_ld(gr[i]), sd, _ld(xr[i]), m, a, t, relu, zero)
+        g, sd = _gate_sunk(_ld(gr[i]), sd, _ld(xr[i]), m, a, t, relu, zero, lo)
         sg += g
         sgx += g * (_ld(xr[i]) - m)
     return np.float64(sg), np.float64(sgx), np.float64(sd)
@@ -1002,9 +1024,10 @@ def _apply_run(gr, xr, dr, m, a, t, relu, b, d, zero, stream):
 @njit(inline="always")
 def _apply_span(gr, xr, dr, m, a, t, relu, b, d, zero):
     """:func:`_apply_run` without streaming."""
+    lo = _relu_floor(xr)
     sd = zero
     for i in range(xr.shape[0]):
-        g, sd = _gate_sunk(_ld(gr[i]), sd, _ld(xr[i]), m, a, t, relu, zero)
+        g, sd = _gate_sunk(_ld(gr[i]), sd, _ld(xr[i]), m, a, t, relu, zero, lo)
         dr[i] = _st(dr, _fma(g, a, _fma(_ld(xr[i]) - m, b, d)))
     return np.float64(sd)
 
@@ -1360,6 +1383,7 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
     1.09-1.12 -> 1.01-1.06, (256, 1024) 1.07-1.12 -> 1.03-1.10; from
     memory (8192, 64) 1.01-1.09 -> 0.96-1.02, (6272, 256) 1.04-1.09 ->
     1.08-1.11 (the one loss), (100352, 64) 1.03-1.10 -> 1.02-1.13."""
+    lo = _relu_floor(x)
     step = 4 * x.shape[1] * x.itemsize
     ahead = _STREAM_AHEAD_BYTES // step * 4 if step <= _SHORT_RUN_BYTES else 0
     for o in range(r0, r4, 4):
@@ -1375,10 +1399,10 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
             v0, v1, v2, v3 = _ld(x0[c]), _ld(x1[c]), _ld(x2[c]), _ld(x3[c])
             e0, e1, e2, e3 = v0 - mc, v1 - mc, v2 - mc, v3 - mc
             u0, u1, u2, u3 = _ld(g0[c]), _ld(g1[c]), _ld(g2[c]), _ld(g3[c])
-            h0 = _gate(u0, v0, mc, ac, tc, True, zero)
-            h1 = _gate(u1, v1, mc, ac, tc, True, zero)
-            h2 = _gate(u2, v2, mc, ac, tc, True, zero)
-            h3 = _gate(u3, v3, mc, ac, tc, True, zero)
+            h0 = _gate(u0, v0, mc, ac, tc, True, zero, lo)
+            h1 = _gate(u1, v1, mc, ac, tc, True, zero, lo)
+            h2 = _gate(u2, v2, mc, ac, tc, True, zero, lo)
+            h3 = _gate(u3, v3, mc, ac, tc, True, zero, lo)
             sg[c] += (h0 + h1) + (h2 + h3)
             sgx[c] += (h0 * e0 + h1 * e1) + (h2 * e2 + h3 * e3)
 
@@ -1439,6 +1463,7 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
     512 elements did no better (measured). (A four-row form of the plain
     sums, row views without tiles, was 1.25x slower from memory.)"""
     C = x.shape[1]
+    lo = _relu_floor(x)
     acc = np.full((2, C), zero)  # not the caller's: see _rows_moments
     sg = acc[0]
     sgx = acc[1]
@@ -1471,7 +1496,7 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
             if relu:
                 for c in range(C):
                     xv = _ld(xr[c])
-                    g = _gate(_ld(gr[c]), xv, m[c], a[c], t[c], True, zero)
+                    g = _gate(_ld(gr[c]), xv, m[c], a[c], t[c], True, zero, lo)
                     sg[c] += g
                     sgx[c] += g * (xv - m[c])
             else:
@@ -1517,6 +1542,7 @@ def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead, zero):
     plain form prefetches x and dy ``ahead`` rows ahead (:func:`_ahead`).
     Returns, under the ReLU, the sum of ``dy`` (else 0) for the caller's
     sink (:func:`_gate`)."""
+    lo = _relu_floor(x)
     sd = zero
     for o in range(o0, o1):
         xr = x[o]
@@ -1528,7 +1554,7 @@ def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead, zero):
                 # LLVM contracted dx's arithmetic differently).
                 u = _ld(gr[c])
                 sd += u
-                g = _gate(u, _ld(xr[c]), m[c], a[c], t[c], True, zero)
+                g = _gate(u, _ld(xr[c]), m[c], a[c], t[c], True, zero, lo)
                 dr[c] = _st(dr, _fma(g, a[c], _fma(_ld(xr[c]) - m[c], b[c], d[c])))
         else:
             _prefetch_rows(x, o + ahead, 1 if ahead else 0)
@@ -1542,12 +1568,13 @@ def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead, zero):
 def _apply_elements(dy, x, dx, f0, f1, m, a, t, relu, b, d, zero):
     """Elements ``f0:f1`` (in memory order) of the C-contiguous rows views,
     as :func:`_apply_row_range` (:func:`_affine_elements`)."""
+    lo = _relu_floor(x)
     K = x.shape[1]
     for f in range(f0, f1):
         o = f // K
         c = f - o * K
         xv = _ld(x[o, c])
-        g = _gate(_ld(dy[o, c]), xv, m[c], a[c], t[c], relu, zero)
+        g = _gate(_ld(dy[o, c]), xv, m[c], a[c], t[c], relu, zero, lo)
         dx[o, c] = _st(dx, _fma(g, a[c], _fma(xv - m[c], b[c], d[c])))
 
 

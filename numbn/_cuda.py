@@ -513,10 +513,11 @@ def _build(tpb: int, shuffle: bool):
         return mean, nan
 
     @device
-    def masked(gv, xv, m, a, t, relu):
+    def masked(gv, xv, m, a, t, floor):
         # dy where the fused ReLU passed its input, else 0 (0 at the boundary,
-        # as torch's threshold_backward and numbn._cpu._masked).
-        if relu and not ((xv - m) * a + t > 0.0):
+        # as torch's threshold_backward and numbn._cpu._gate); floor < 0: no
+        # ReLU, else the largest input stored as 0 (_mask_floor).
+        if floor >= 0.0 and not ((xv - m) * a + t > floor):
             return 0.0
         return gv
 
@@ -898,7 +899,8 @@ def stats(x3) -> tuple[np.ndarray, np.ndarray]:
         # where the mean of a plain sum is +inf or -inf (NaN with both signs
         # or a NaN), as PyTorch's and the "cpu" backend's. The sums kernels
         # with dy = x and m = 0 give that plain float64 sum.
-        total, _ = _reduce(_kernels().sums, x3, x3, _coef(_stream(x3), np.zeros(C)), False)
+        total, _ = _reduce(_kernels().sums, x3, x3, _coef(_stream(x3), np.zeros(C)),
+                           _mask_floor(False, x3.dtype))
         mean[lost] = total[lost] / (outer * inner)
     return mean, var
 
@@ -921,7 +923,7 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
     if x3.size == 0:
         return np.zeros(C), np.zeros(C)
     coef = _coef(_stream(x3), m, a, t)
-    return _reduce(_kernels().sums, x3, dy3, coef, bool(relu))
+    return _reduce(_kernels().sums, x3, dy3, coef, _mask_floor(relu, x3.dtype))
 
 
 def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3, shared=0) -> None:
@@ -931,7 +933,17 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3, shared=0) -> None:
     if x3.size == 0:
         return
     coef = _coef(_stream(x3), m, a, t, b, d)
-    _elementwise(_kernels().apply, x3, dy3, coef, bool(relu), dx3)
+    _elementwise(_kernels().apply, x3, dy3, coef, _mask_floor(relu, x3.dtype), dx3)
+
+
+def _mask_floor(relu, dtype) -> float:
+    """The backward kernels' ReLU argument: -1 without the ReLU, else the
+    largest float64 input that ``dtype`` stores as 0 (half the least
+    subnormal, a tie that rounds to 0: 2**-25 for float16, 2**-150 for
+    float32, 0 for float64), so the mask passes exactly where the forward's
+    stored output is positive, as PyTorch's ReLU after a BatchNorm in that
+    dtype (the reference's mask, ``numbn._reference.backward``)."""
+    return float(np.finfo(dtype).smallest_subnormal) / 2 if relu else -1.0
 
 
 def _copy(src, dst) -> None:

@@ -86,8 +86,12 @@ def backward(dy, x, mean, invstd, weight=None, training=True, axis=1,
     invstd = np.asarray(invstd, dtype=np.float64)
     xhat = (flat - mean) * invstd
     if activation == "relu":
-        # The mask of max(z, 0) at z == 0 takes the zero branch, as torch's relu does.
-        g = np.where(xhat * w + _vector(bias, c, 0.0) > 0.0, g, 0.0)
+        # The mask of max(z, 0) at z == 0 takes the zero branch, as torch's relu
+        # does; z as the forward stores it, in x's dtype: float16 rounds a z in
+        # (0, 2**-25] to 0 (float32 one in (0, 2**-150]), and PyTorch's ReLU
+        # after it passes nothing there.
+        stored_zero = float(np.finfo(x.dtype).smallest_subnormal) / 2  # rounds to 0, a tie
+        g = np.where(xhat * w + _vector(bias, c, 0.0) > stored_zero, g, 0.0)
     dbias = g.sum(axis=0)
     dweight = (g * xhat).sum(axis=0)
     if training:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import HAS_TORCH, close, requires_torch
+from conftest import HAS_TORCH, TINY_BIASES, close, requires_torch
 
 import numbn
 
@@ -202,6 +202,32 @@ def test_boundary_with_nonzero_mean_in_eval():
         assert y[0, 0] == 0 and y[0, 1] == 0 and y[1, 1] == 0
         assert dx[0, 0] == 0 and dx[0, 1] == 0 and dx[1, 1] == 0
         np.testing.assert_array_equal(db, [1.0, 0.0])
+
+
+TINY_LAYOUTS = [("nchw", (2, 5, 8, 16), 1), ("nhwc", (2, 8, 16, 5), -1), ("2d", (256, 5), 1)]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name, shape, axis", TINY_LAYOUTS, ids=[n for n, _, _ in TINY_LAYOUTS])
+def test_float16_mask_is_that_of_the_stored_output(name, shape, axis, training, backend,
+                                                   cpu_path):
+    """float16 x: the backward passes the gradient exactly where the forward's
+    float16 output is positive, as PyTorch's ReLU after a float16 BatchNorm.
+    A ReLU input in (0, 2**-25] is stored as 0, and passed before."""
+    x = np.zeros(shape, np.float16)  # every x is the mean: the ReLU's input is the bias
+    c = shape[axis]
+    b = np.array(TINY_BIASES, np.float32)
+    w, rm, rv = np.ones(c, np.float32), np.zeros(c, np.float32), np.ones(c, np.float32)
+    dy = np.random.default_rng(4).standard_normal(shape).astype(np.float16)
+    y, dx, dw, db, _, _ = numbn_relu_bn(x, dy, w, b, rm, rv, training, axis, backend=backend)
+    passed = y > 0
+    assert passed.sum() == 2 * x.size // c  # two channels pass, whatever the path
+    reduce = tuple(k for k in range(x.ndim) if k != axis % x.ndim)
+    expected = np.where(passed, dy, 0).astype(np.float64).sum(axis=reduce)
+    np.testing.assert_allclose(db, expected, rtol=1e-6, atol=1e-6)
+    if not training:
+        assert np.all(dx[~passed] == 0)
 
 
 # -- the layer ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import LAYOUTS, close, make
+from conftest import LAYOUTS, TINY_BIASES, close, make
 
 import numbn
 from numbn import _config, _cuda, _dispatch
@@ -196,6 +196,35 @@ def test_infinity_gives_the_mean_of_the_cpu_backend(shape, axis, values, where, 
     bn = numbn.BatchNorm(3, axis=axis)
     bn(_dev(x))
     np.testing.assert_array_equal(_host(bn.running_mean)[1], np.float32(0.1 * cpu_mean[1]))
+
+
+@requires_cuda
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,axis", [((2, 5, 8), 1), ((6, 5), 1)])
+def test_float16_relu_mask_is_that_of_the_stored_output(shape, axis, training, rng):
+    """float16 x under the fused ReLU: the backward passes the gradient
+    exactly where the forward's float16 output is positive, as the "cpu"
+    backend and PyTorch (a ReLU input in (0, 2**-25] is stored as 0)."""
+    x = np.zeros(shape, np.float16)  # every x is the mean: the ReLU's input is the bias
+    c = shape[axis]
+    b = np.array(TINY_BIASES, np.float32)
+    w, rm, rv = np.ones(c, np.float32), np.zeros(c, np.float32), np.ones(c, np.float32)
+    dy = make(rng, shape, np.float16, 0.0, 1.0)
+    kw = dict(axis=axis, activation="relu")
+    if training:
+        y, mean, invstd = numbn.batch_norm_forward(_dev(x), _dev(w), _dev(b), **kw)
+    else:
+        y = numbn.batch_norm(_dev(x), _dev(rm), _dev(rv), _dev(w), _dev(b), **kw)
+        mean, invstd = _dev(rm), _dev((1 / np.sqrt(rv + 1e-5)).astype(np.float32))
+    dx, dw, db = numbn.batch_norm_backward(_dev(dy), _dev(x), mean, invstd, _dev(w),
+                                           bias=_dev(b), training=training, **kw)
+    passed = _host(y) > 0
+    assert passed.sum() == 2 * x.size // c
+    reduce = tuple(k for k in range(x.ndim) if k != axis % x.ndim)
+    expected = np.where(passed, dy, 0).astype(np.float64).sum(axis=reduce)
+    np.testing.assert_allclose(_host(db), expected, rtol=1e-6, atol=1e-6)
+    if not training:
+        assert np.all(_host(dx)[~passed] == 0)
 
 
 @requires_cuda
