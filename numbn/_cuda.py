@@ -77,7 +77,7 @@ import warnings
 
 import numpy as np
 
-from . import _config
+from . import _config, _reference
 
 #: ``numba.cuda``, bound by :func:`_cuda_module` on first use. The kernels
 #: refer to it as a module global, which is what the CUDA simulator expects
@@ -938,12 +938,11 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3, shared=0) -> None:
 
 def _mask_floor(relu, dtype) -> float:
     """The backward kernels' ReLU argument: -1 without the ReLU, else the
-    largest float64 input that ``dtype`` stores as 0 (half the least
-    subnormal, a tie that rounds to 0: 2**-25 for float16, 2**-150 for
-    float32, 0 for float64), so the mask passes exactly where the forward's
-    stored output is positive, as PyTorch's ReLU after a BatchNorm in that
-    dtype (the reference's mask, ``numbn._reference.backward``)."""
-    return float(np.finfo(dtype).smallest_subnormal) / 2 if relu else -1.0
+    largest float64 input that ``dtype`` stores as 0
+    (:func:`numbn._reference.relu_floor`, the reference's mask), so the mask
+    passes exactly where the forward's stored output is positive, as
+    PyTorch's ReLU after a BatchNorm in that dtype."""
+    return _reference.relu_floor(dtype) if relu else -1.0
 
 
 def _copy(src, dst) -> None:

@@ -71,6 +71,14 @@ def forward_train(x, weight=None, bias=None, eps=1e-5, axis=1, activation=None):
 
 
 @_quiet
+def relu_floor(dtype) -> float:
+    """The largest ReLU input that ``dtype`` stores as 0: half its least
+    subnormal, a tie that rounds to 0 (2**-25 for float16, 2**-150 for
+    float32, 0 for float64). A fused ReLU's backward passes the gradient
+    above it, where the forward's stored output is positive."""
+    return float(np.finfo(dtype).smallest_subnormal) / 2
+
+
 def backward(dy, x, mean, invstd, weight=None, training=True, axis=1,
              bias=None, activation=None):
     """Gradients of ``sum(dy * y)``: ``(dx, dweight, dbias)``, float64.
@@ -90,8 +98,7 @@ def backward(dy, x, mean, invstd, weight=None, training=True, axis=1,
         # does; z as the forward stores it, in x's dtype: float16 rounds a z in
         # (0, 2**-25] to 0 (float32 one in (0, 2**-150]), and PyTorch's ReLU
         # after it passes nothing there.
-        stored_zero = float(np.finfo(x.dtype).smallest_subnormal) / 2  # rounds to 0, a tie
-        g = np.where(xhat * w + _vector(bias, c, 0.0) > stored_zero, g, 0.0)
+        g = np.where(xhat * w + _vector(bias, c, 0.0) > relu_floor(x.dtype), g, 0.0)
     dbias = g.sum(axis=0)
     dweight = (g * xhat).sum(axis=0)
     if training:
