@@ -230,6 +230,21 @@ def test_float16_mask_is_that_of_the_stored_output(name, shape, axis, training, 
         assert np.all(dx[~passed] == 0)
 
 
+@needs_torch
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_float16_tiny_relu_inputs_match_torch(training):
+    """The same biases through PyTorch's float16 BatchNorm (float32
+    parameters) and ReLU: the same outputs and bias gradient."""
+    x = np.zeros((6, 5), np.float16)
+    b = np.array(TINY_BIASES, np.float32)
+    w, rm, rv = np.ones(5, np.float32), np.zeros(5, np.float32), np.ones(5, np.float32)
+    dy = np.random.default_rng(5).standard_normal(x.shape).astype(np.float16)
+    expected = torch_relu_bn(x, dy, w, b, rm, rv, training, 1)
+    got = numbn_relu_bn(x, dy, w, b, rm, rv, training, 1)
+    np.testing.assert_array_equal(got[0], expected[0])  # y
+    np.testing.assert_allclose(got[3], expected[3], rtol=1e-3)  # dbias
+
+
 # -- the layer ---------------------------------------------------------------------
 
 @needs_torch
