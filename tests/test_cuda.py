@@ -408,19 +408,19 @@ def test_gpu_kernels_compile(monkeypatch):
                         lambda: SimpleNamespace(compute_capability=(8, 0)))
     k = _cuda._build.__wrapped__(256, True)  # a fresh build, not the cached one
     c2, p3 = types.Array(types.float64, 2, "C"), types.Array(types.float64, 3, "C")
-    i64, flag = types.int64, types.boolean
+    i64, flag, floor = types.int64, types.boolean, types.float64  # floor: _cuda._mask_floor
 
     def lower(kernel, sig):
         return compile_cuda(kernel.py_func, types.void, sig, cc=(8, 0)).library.get_llvm_str()
 
     for arr in (types.Array(types.float16, 3, "A"), types.Array(types.float32, 3, "C")):
-        for cm, rm, _ in (k.stats, k.sums):
-            ir = lower(cm, (arr, arr, c2, flag, i64, i64, i64, p3))
+        for (cm, rm, _), relu in ((k.stats, flag), (k.sums, floor)):
+            ir = lower(cm, (arr, arr, c2, relu, i64, i64, i64, p3))
             assert "llvm.nvvm.shfl.sync" in ir
-            lower(rm, (arr, arr, c2, flag, p3))
-        for cm, rm in (k.normalize, k.apply):
-            lower(cm, (arr, arr, c2, flag, i64, arr))
-            lower(rm, (arr, arr, c2, flag, arr))
+            lower(rm, (arr, arr, c2, relu, p3))
+        for (cm, rm), relu in ((k.normalize, flag), (k.apply, floor)):
+            lower(cm, (arr, arr, c2, relu, i64, arr))
+            lower(rm, (arr, arr, c2, relu, arr))
     lower(k.stats[2], (p3, c2))
     lower(k.sums[2], (p3, c2))
     a8 = types.Array(types.float32, 8, "A")
