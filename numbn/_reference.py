@@ -70,7 +70,6 @@ def forward_train(x, weight=None, bias=None, eps=1e-5, axis=1, activation=None):
     return y, mean, 1.0 / np.sqrt(var + eps), var, count
 
 
-@_quiet
 def relu_floor(dtype) -> float:
     """The largest ReLU input that ``dtype`` stores as 0: half its least
     subnormal, a tie that rounds to 0 (2**-25 for float16, 2**-150 for
@@ -79,6 +78,7 @@ def relu_floor(dtype) -> float:
     return float(np.finfo(dtype).smallest_subnormal) / 2
 
 
+@_quiet
 def backward(dy, x, mean, invstd, weight=None, training=True, axis=1,
              bias=None, activation=None):
     """Gradients of ``sum(dy * y)``: ``(dx, dweight, dbias)``, float64.

@@ -232,3 +232,18 @@ def test_constant_channel_without_eps(backend, dtype, shape, axis, rng):
     y = numbn.batch_norm(x, rm, rv, training=False, eps=0.0, axis=axis, backend=backend)
     yc = np.moveaxis(y, axis, 0)
     assert np.isnan(yc[1]).all() and np.isfinite(yc[[0, 2]]).all()
+
+
+def test_reference_is_quiet_on_nan_and_inf(rng):
+    """The reference's functions take NaN and Inf without NumPy's warnings (the
+    suite makes warnings errors), as the kernels do. The functional API
+    silences its own calls, so this calls the reference directly; an
+    infinite mean makes x - mean inf - inf."""
+    from numbn import _reference as ref
+
+    x = rng.standard_normal((5, 3))
+    x[1, 1], x[2, 2] = np.nan, np.inf
+    y, mean, invstd, _, _ = ref.forward_train(x)
+    assert np.isfinite(y[:, 0]).all() and not np.isfinite(y[:, 1:]).any()
+    dx, dw, db = ref.backward(np.ones_like(x), x, mean, invstd, np.ones(3), activation="relu")
+    assert np.isfinite(dx[:, 0]).all() and np.isnan(dx[:, 1:]).all()
