@@ -72,7 +72,7 @@ from numba import njit, prange
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from . import _checks, _config
+from . import _checks, _config, _reference
 
 _FASTMATH = {"reassoc", "contract"}
 #: ``error_model="numpy"``: a float division by zero gives inf or NaN, as in
@@ -149,6 +149,9 @@ def _ld(typingctx, v):
     return None
 
 
+_HALF_RELU_FLOOR = _reference.relu_floor(np.float16)  # 2**-25
+
+
 @intrinsic
 def _relu_floor(typingctx, arr):
     """The largest ReLU input that x's dtype stores as 0, in the arithmetic
@@ -160,7 +163,7 @@ def _relu_floor(typingctx, arr):
     ty = numba.types.float32 if half else arr.dtype
 
     def codegen(context, builder, signature, args):
-        return context.get_constant(ty, 2.0 ** -25 if half else 0.0)
+        return context.get_constant(ty, _HALF_RELU_FLOOR if half else 0.0)
     return ty(arr), codegen
 
 
@@ -186,7 +189,7 @@ def _fma(typingctx, x, y, z):
     """``x * y + z`` rounded once (``llvm.fma``), in the type of ``x``.
 
     The backward's ``dx = g * a + (x - m) * b + d`` is written with it,
-    ``_fma(g, a, _fma(x - m, b, d))``, in every loop and in the streamed
+    ``_fma(g, a, _fma(x - m, b, d))`` (:func:`_dx`), in every loop and in the streamed
     lines (:func:`_apply_line`), so that every path rounds it alike. Left to
     LLVM, the contraction of the two products into multiply-adds differed
     between a plain loop and the streamed lines, and so dx of the same call
@@ -211,6 +214,14 @@ def _fma_function(module, ty):
     suffix += "f64" if isinstance(element, ir.DoubleType) else "f32"
     return cgutils.get_or_insert_function(module, ir.FunctionType(ty, [ty] * 3),
                                           "llvm.fma." + suffix)
+
+
+@njit(inline="always")
+def _dx(g, xv, m, a, b, d):
+    """The backward's ``dx = g * a + (x - m) * b + d`` as every loop computes
+    it, ``fma(g, a, fma(x - m, b, d))`` (:func:`_fma`; the streamed lines'
+    vector form is :func:`_apply_line`'s)."""
+    return _fma(g, a, _fma(xv - m, b, d))
 
 
 @njit(inline="always")
@@ -855,7 +866,7 @@ class _Halves:
 
     def relu_floor(self):
         """:func:`_relu_floor` of the stored type, as a vector."""
-        return ir.Constant(self.arith, [2.0 ** -25 if self.size == 2 else 0.0] * self.lanes)
+        return ir.Constant(self.arith, [_HALF_RELU_FLOOR if self.size == 2 else 0.0] * self.lanes)
 
     def where(self, keep, v):
         """``v`` where ``keep``, else 0."""
@@ -1028,7 +1039,7 @@ def _apply_span(gr, xr, dr, m, a, t, relu, b, d, zero):
     sd = zero
     for i in range(xr.shape[0]):
         g, sd = _gate_sunk(_ld(gr[i]), sd, _ld(xr[i]), m, a, t, relu, zero, lo)
-        dr[i] = _st(dr, _fma(g, a, _fma(_ld(xr[i]) - m, b, d)))
+        dr[i] = _st(dr, _dx(g, _ld(xr[i]), m, a, b, d))
     return np.float64(sd)
 
 
@@ -1555,12 +1566,12 @@ def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead, zero):
                 u = _ld(gr[c])
                 sd += u
                 g = _gate(u, _ld(xr[c]), m[c], a[c], t[c], True, zero, lo)
-                dr[c] = _st(dr, _fma(g, a[c], _fma(_ld(xr[c]) - m[c], b[c], d[c])))
+                dr[c] = _st(dr, _dx(g, _ld(xr[c]), m[c], a[c], b[c], d[c]))
         else:
             _prefetch_rows(x, o + ahead, 1 if ahead else 0)
             _prefetch_rows(dy, o + ahead, 1 if ahead else 0)
             for c in range(x.shape[1]):
-                dr[c] = _st(dr, _fma(_ld(gr[c]), a[c], _fma(_ld(xr[c]) - m[c], b[c], d[c])))
+                dr[c] = _st(dr, _dx(_ld(gr[c]), _ld(xr[c]), m[c], a[c], b[c], d[c]))
     return np.float64(sd)
 
 
@@ -1575,7 +1586,7 @@ def _apply_elements(dy, x, dx, f0, f1, m, a, t, relu, b, d, zero):
         c = f - o * K
         xv = _ld(x[o, c])
         g = _gate(_ld(dy[o, c]), xv, m[c], a[c], t[c], relu, zero, lo)
-        dx[o, c] = _st(dx, _fma(g, a[c], _fma(xv - m[c], b[c], d[c])))
+        dx[o, c] = _st(dx, _dx(g, xv, m[c], a[c], b[c], d[c]))
 
 
 @njit(inline="always")
@@ -1616,7 +1627,7 @@ def _apply_tiles(dy, x, dx, xf, gf, df, o0, o1, tc, ahead):
         gr = gf[o * C:o * C + W]
         dr = df[o * C:o * C + W]
         for j in range(W):
-            dr[j] = _st(dr, _fma(_ld(gr[j]), a[j], _fma(_ld(xr[j]) - m[j], b[j], d[j])))
+            dr[j] = _st(dr, _dx(_ld(gr[j]), _ld(xr[j]), m[j], a[j], b[j], d[j]))
         o += k
     return o
 
