@@ -87,6 +87,19 @@ TINY_BIASES = [1e-8, 2.0 ** -25, float(np.nextafter(np.float32(2.0 ** -25), np.f
                2.0 ** -24, 0.0]
 
 
+def assert_mask_follows_output(y, dx, db, dy, axis, training):
+    """For x equal to its mean with :data:`TINY_BIASES` (host arrays): the
+    backward passed ``dy`` exactly where the float16 output ``y`` is positive,
+    two of the five channels; in eval, dx is 0 everywhere else."""
+    passed = y > 0
+    assert passed.sum() == 2 * y.size // y.shape[axis]
+    reduce = tuple(k for k in range(y.ndim) if k != axis % y.ndim)
+    expected = np.where(passed, dy, 0).astype(np.float64).sum(axis=reduce)
+    np.testing.assert_allclose(db, expected, rtol=1e-6, atol=1e-6)
+    if not training:
+        assert np.all(dx[~passed] == 0)
+
+
 def close(actual, expected, dtype, scale=1.0, err=""):
     rtol, atol = TOL[np.dtype(dtype)]
     np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64),
