@@ -759,7 +759,7 @@ def _gate(g, xv, m, a, t, relu, zero, lo):
     loop-invariant and LLVM unswitches it.
 
     Callers under the ReLU (but the rows sums, :func:`_rows_sums` and
-    :func:`_rows_relu_sums4`) also add ``dy`` to a sum that they store and
+    :func:`_rows_sums4`) also add ``dy`` to a sum that they store and
     never read (a *sink*): a load whose only use
     is this select compiles to a masked load (AVX-512), which waits for its
     mask, i.e. for x's load and the arithmetic above. Streaming from memory,
@@ -1220,6 +1220,17 @@ def _affine_rows_streamed(x, o0, o1, m, a, t, relu, zero, y, ahead):
 #: :func:`_apply_tiles`, :func:`_affine_tiles`).
 _TILE = 256
 
+#: Columns from which the rows kernels' plain backward sums take four rows at
+#: a time (:func:`_rows_sums4`), as the ReLU's do. The backward of 2-D
+#: float32, two threads, interleaved against row by row: in cache (512, 4096)
+#: 0.80, (128, 8192) 0.81, (1024, 2048) 0.83, (1024, 1024) 0.97, (256, 1024)
+#: 0.96; from memory (8192, 1024) 0.89, (4096, 2048) 0.92; float64 (512,
+#: 1024) 0.89; float16 (1024, 1024) 0.91. Shorter rows did no better: float32
+#: (2048, 512) 1.06, (6272, 256) 1.0-1.14 (prefetched as the ReLU's, or
+#: not), from memory (25088, 256) 1.07-1.2; float64 (2048, 256) 1.07
+#: (measured).
+_FOUR_ROWS_MIN_COLUMNS = 1024
+
 
 def _flat(a):
     """The 2-D ``a`` as one flat run when it is C-contiguous, else an empty
@@ -1366,11 +1377,13 @@ def _sums_outer(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot, sink, ahe
 
 
 @njit(inline="always")
-def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
-    """Add the ReLU-gated ``g`` and ``g * (x - m)`` of rows ``r0:r4`` (four
-    rows at a time) to ``sg`` and ``sgx``: one load and store of the
-    accumulators and one load of the coefficients per four rows. In cache
-    this took 0.65-0.8 of the row-by-row time (measured).
+def _rows_sums4(dy, x, r0, r4, m, a, t, relu, zero, sg, sgx):
+    """Add ``g`` (``dy``, ReLU-gated when ``relu``) and ``g * (x - m)`` of
+    rows ``r0:r4`` (four rows at a time) to ``sg`` and ``sgx``: one load and
+    store of the accumulators and one load of the coefficients per four rows.
+    Under the ReLU, in cache, this took 0.65-0.8 of the row-by-row time
+    (measured). The plain sums take it for long rows only
+    (``_FOUR_ROWS_MIN_COLUMNS``).
 
     Four short rows (4 KiB or less together) are prefetched about
     ``_STREAM_AHEAD_BYTES`` ahead, line by line in memory order: read four
@@ -1410,10 +1423,10 @@ def _rows_relu_sums4(dy, x, r0, r4, m, a, t, zero, sg, sgx):
             v0, v1, v2, v3 = _ld(x0[c]), _ld(x1[c]), _ld(x2[c]), _ld(x3[c])
             e0, e1, e2, e3 = v0 - mc, v1 - mc, v2 - mc, v3 - mc
             u0, u1, u2, u3 = _ld(g0[c]), _ld(g1[c]), _ld(g2[c]), _ld(g3[c])
-            h0 = _gate(u0, v0, mc, ac, tc, True, zero, lo)
-            h1 = _gate(u1, v1, mc, ac, tc, True, zero, lo)
-            h2 = _gate(u2, v2, mc, ac, tc, True, zero, lo)
-            h3 = _gate(u3, v3, mc, ac, tc, True, zero, lo)
+            h0 = _gate(u0, v0, mc, ac, tc, relu, zero, lo)
+            h1 = _gate(u1, v1, mc, ac, tc, relu, zero, lo)
+            h2 = _gate(u2, v2, mc, ac, tc, relu, zero, lo)
+            h3 = _gate(u3, v3, mc, ac, tc, relu, zero, lo)
             sg[c] += (h0 + h1) + (h2 + h3)
             sgx[c] += (h0 * e0 + h1 * e1) + (h2 * e2 + h3 * e3)
 
@@ -1462,9 +1475,10 @@ def _rows_tiled_sums(dy, x, xf, gf, r0, r1, m, zero, tile, sg, sgx, ahead):
 def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead):
     """``sum(g)`` and ``sum(g * (x - m))`` per channel over rows ``o0:o1``
     into ``psum`` and ``pdot`` (length C): blocks of ``block_rows`` rows
-    summed in x's dtype, then float64. Under the ReLU, four rows at a time
-    (:func:`_rows_relu_sums4`; a block's last rows one by one, without the
-    sink of :func:`_gate`: at most three rows a block). The plain sums of
+    summed in x's dtype, then float64. Under the ReLU, and for rows of at
+    least ``_FOUR_ROWS_MIN_COLUMNS``, four rows at a time (:func:`_rows_sums4`;
+    a block's last rows one by one, without the sink of :func:`_gate`: at most
+    three rows a block). The plain sums of
     C-contiguous rows of at most ``_TILE // 2`` columns take whole tiles of
     rows as flat runs (:func:`_rows_tiled_sums`), the rest row by row; they
     prefetch x and dy ``ahead`` rows ahead. The backward with tiles, float32,
@@ -1494,9 +1508,9 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
             sg[c] = zero
             sgx[c] = zero
         start = r0
-        if relu:
+        if relu or C >= _FOUR_ROWS_MIN_COLUMNS:
             start = r0 + (r1 - r0) // 4 * 4
-            _rows_relu_sums4(dy, x, r0, start, m, a, t, zero, sg, sgx)
+            _rows_sums4(dy, x, r0, start, m, a, t, relu, zero, sg, sgx)
         elif k > 1:
             start = _rows_tiled_sums(dy, x, xf, gf, r0, r1, m, zero, tile, sg, sgx, ahead)
         for o in range(start, r1):

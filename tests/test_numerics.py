@@ -225,7 +225,7 @@ def test_one_outlier_among_many_rows(shape, axis, rng, cpu_path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("C", [1, 2, 3, 16, 60, 64, 100, 128, 129])
+@pytest.mark.parametrize("C", [1, 2, 3, 16, 60, 64, 100, 128, 129, 1024, 1029])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced"])
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_rows_in_tiles(dtype, C, layout, activation, rng, cpu_path):
@@ -235,8 +235,11 @@ def test_rows_in_tiles(dtype, C, layout, activation, rng, cpu_path):
     sums (without the ReLU) and the elementwise passes of the forward, the
     eval and the backward. Every C around the tile sizes, a row count that
     is no multiple of any tile's rows and spans several blocks; a strided
-    view has no flat run and goes row by row."""
-    shape = (1037, C)
+    view has no flat run and goes row by row. Long rows
+    (``numbn._cpu._FOUR_ROWS_MIN_COLUMNS`` and more) have their backward
+    sums taken four rows at a time, as the ReLU's are, each block's last
+    rows one by one (71 rows of 1029 columns: four tasks of 17 or 18 rows)."""
+    shape = (1037 if C < 1024 else 71, C)
     x = make(rng, shape, dtype)
     dy = make(rng, shape, dtype, mean=0.2, std=1.0)
     if layout == "sliced":
