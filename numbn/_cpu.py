@@ -1478,15 +1478,15 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
     summed in x's dtype, then float64. Under the ReLU, and for rows of at
     least ``_FOUR_ROWS_MIN_COLUMNS``, four rows at a time (:func:`_rows_sums4`;
     a block's last rows one by one, without the sink of :func:`_gate`: at most
-    three rows a block). The plain sums of
-    C-contiguous rows of at most ``_TILE // 2`` columns take whole tiles of
-    rows as flat runs (:func:`_rows_tiled_sums`), the rest row by row; they
-    prefetch x and dy ``ahead`` rows ahead. The backward with tiles, float32,
-    two threads, interleaved with PyTorch and a copy as ``numbn bench``
-    times it: (8192, 64) 0.82-0.88 of the row-by-row time, (16384, 16)
-    0.65-0.76, (131072, 2) 0.61-0.66, (12544, 128) 0.90; tiles of 128 or
-    512 elements did no better (measured). (A four-row form of the plain
-    sums, row views without tiles, was 1.25x slower from memory.)"""
+    three rows a block). The plain sums of shorter rows: C-contiguous rows of
+    at most ``_TILE // 2`` columns take whole tiles of rows as flat runs
+    (:func:`_rows_tiled_sums`), the rest row by row; they prefetch x and dy
+    ``ahead`` rows ahead. The backward with tiles, float32, two threads,
+    interleaved with PyTorch and a copy as ``numbn bench`` times it: (8192,
+    64) 0.82-0.88 of the row-by-row time, (16384, 16) 0.65-0.76, (131072, 2)
+    0.61-0.66, (12544, 128) 0.90; tiles of 128 or 512 elements did no better
+    (measured). (For such short rows a four-row form without tiles was 1.25x
+    slower from memory.)"""
     C = x.shape[1]
     lo = _relu_floor(x)
     acc = np.full((2, C), zero)  # not the caller's: see _rows_moments
