@@ -71,6 +71,7 @@ from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
+from numba.np.arrayobj import populate_array
 
 from . import _checks, _config, _reference
 
@@ -147,6 +148,38 @@ def _ld(typingctx, v):
     if isinstance(v, numba.types.Float):
         return v(v), lambda context, builder, signature, args: args[0]
     return None
+
+
+@intrinsic
+def _dense(typingctx, r):
+    """The 1-D run ``r`` of a channel-major kernel typed C-contiguous: the
+    same data, length and owner, its stride taken as its item size, which
+    the launchers make it (:func:`_unit_runs`). A run of a C-contiguous
+    array is returned as it is. A run of a sliced or F-ordered input is
+    typed ``"A"``, and LLVM does not vectorise a loop over it (its stride
+    is unknown): that loop added one element at a time into one
+    accumulator, 3-4x slower than over the same data contiguous, and in
+    float32 about ten times less accurate (the sums of a chunk of up to
+    ``_config.CPU_BLOCK`` values in one accumulator; measured)."""
+    if not isinstance(r, numba.types.Array) or r.ndim != 1:
+        return None
+    ret = r.copy(layout="C")
+
+    def codegen(context, builder, signature, args):
+        if r.layout == "C":
+            context.nrt.incref(builder, ret, args[0])
+            return args[0]
+        src = context.make_array(r)(context, builder, args[0])
+        dst = context.make_array(ret)(context, builder)
+        size = context.get_constant(numba.types.intp,
+                                    context.get_abi_sizeof(context.get_data_type(r.dtype)))
+        populate_array(dst, data=src.data, shape=src.shape,
+                       strides=cgutils.pack_array(builder, [size]), itemsize=src.itemsize,
+                       meminfo=src.meminfo, parent=src.parent)
+        out = dst._getvalue()
+        context.nrt.incref(builder, ret, out)
+        return out
+    return ret(r), codegen
 
 
 _HALF_RELU_FLOOR = _reference.relu_floor(np.float16)  # 2**-25
@@ -346,7 +379,7 @@ def _span_moments(x, c, f0, f1, block, zero, cell):
             if ahead and o + ahead < x.shape[0]:
                 _prefetch_run(x[o + ahead, c])
             first, sh, n, mean, m2, ns, d1s, d2s = _span_step(
-                x[o, c], zero, cell, first, sh, n, mean, m2, ns, d1s, d2s)
+                _dense(x[o, c]), zero, cell, first, sh, n, mean, m2, ns, d1s, d2s)
     else:
         for o in range(f0 // inner, (f1 + inner - 1) // inner):
             i0 = max(f0 - o * inner, 0)
@@ -355,8 +388,8 @@ def _span_moments(x, c, f0, f1, block, zero, cell):
                 _prefetch_run(x[o + ahead, c])
             for b0 in range(i0, i1, block):
                 first, sh, n, mean, m2, ns, d1s, d2s = _span_step(
-                    x[o, c, b0:min(b0 + block, i1)], zero, cell, first, sh, n, mean, m2, ns,
-                    d1s, d2s)
+                    _dense(x[o, c, b0:min(b0 + block, i1)]), zero, cell, first, sh, n, mean,
+                    m2, ns, d1s, d2s)
     if ns > 0.0:
         n, mean, m2 = _fold_merge(n, mean, m2, ns, sh, d1s, d2s)
     return n, mean, m2
@@ -452,7 +485,7 @@ def _stats_outer(x, nsplit, block, zero, cells, pn, pmean, pm2, ahead):
                     b1 = min(b0 + block, inner)
                     if ahead:
                         _prefetch_ahead(x, o, c, b0, b1, ahead)
-                    _moments_step(x[o, c, b0:b1], zero, acc, c, cell)
+                    _moments_step(_dense(x[o, c, b0:b1]), zero, acc, c, cell)
         for c in range(C):
             n, pmean[s, c], pm2[s, c] = _fold_merge(acc[0, c], acc[1, c], acc[2, c], acc[3, c],
                                                     cell[c], acc[4, c], acc[5, c])
@@ -469,11 +502,11 @@ def _rows_block_sum(x, r0, r1, zero, bs, ahead):
         bs[c] = zero
     for o in range(r0, r4, 4):
         _prefetch_rows(x, o + ahead, 4 if ahead else 0)
-        x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
+        x0, x1, x2, x3 = _dense(x[o]), _dense(x[o + 1]), _dense(x[o + 2]), _dense(x[o + 3])
         for c in range(x.shape[1]):
             bs[c] += (_ld(x0[c]) + _ld(x1[c])) + (_ld(x2[c]) + _ld(x3[c]))
     for o in range(r4, r1):
-        xr = x[o]
+        xr = _dense(x[o])
         for c in range(x.shape[1]):
             bs[c] += _ld(xr[c])
 
@@ -485,7 +518,7 @@ def _rows_probe(x, r0, r1, zero, sh):
     for c in range(x.shape[1]):
         sh[c] = zero
     for j in range(k):
-        xr = x[r0 + j * (r1 - r0) // k]
+        xr = _dense(x[r0 + j * (r1 - r0) // k])
         for c in range(x.shape[1]):
             sh[c] += _ld(xr[c])
     for c in range(x.shape[1]):
@@ -502,7 +535,7 @@ def _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2, ahead):
         d2[c] = zero
     for o in range(r0, r4, 4):
         _prefetch_rows(x, o + ahead, 4 if ahead else 0)
-        x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
+        x0, x1, x2, x3 = _dense(x[o]), _dense(x[o + 1]), _dense(x[o + 2]), _dense(x[o + 3])
         for c in range(x.shape[1]):
             s = sh[c]
             e0, e1 = _ld(x0[c]) - s, _ld(x1[c]) - s
@@ -510,7 +543,7 @@ def _rows_shifted_sums(x, r0, r1, sh, zero, d1, d2, ahead):
             d1[c] += (e0 + e1) + (e2 + e3)
             d2[c] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
     for o in range(r4, r1):
-        xr = x[o]
+        xr = _dense(x[o])
         for c in range(x.shape[1]):
             d = _ld(xr[c]) - sh[c]
             d1[c] += d
@@ -1058,8 +1091,8 @@ def _task_span(task, isplit, C, inner):
 def _affine_task(x, task, isplit, coef, relu, zero, y, stream):
     """Elementwise task ``task`` of the channel-major forward (:func:`_task_span`)."""
     o, c, i0, i1 = _task_span(task, isplit, x.shape[1], x.shape[2])
-    _affine_run(x[o, c, i0:i1], y[o, c, i0:i1], coef[0, c], coef[1, c], coef[2, c], relu,
-                zero, stream)
+    _affine_run(_dense(x[o, c, i0:i1]), _dense(y[o, c, i0:i1]), coef[0, c], coef[1, c],
+                coef[2, c], relu, zero, stream)
 
 
 @njit(inline="always")
@@ -1165,8 +1198,8 @@ def _affine_row_range(x, o0, o1, m, a, t, relu, zero, y, ahead):
     per column: two loops, as :func:`_affine_run`."""
     for o in range(o0, o1):
         _prefetch_rows(x, o + ahead, 1 if ahead else 0)
-        xr = x[o]
-        yr = y[o]
+        xr = _dense(x[o])
+        yr = _dense(y[o])
         if relu:
             for c in range(x.shape[1]):
                 yr[c] = _st(yr, _relu_bn(_ld(xr[c]), m[c], a[c], t[c], zero))
@@ -1335,8 +1368,8 @@ def _sums_channel_major(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot, s
             i1 = min(f1 - o * inner, inner)
             for b0 in range(i0, i1, block):
                 b1 = min(b0 + block, i1)
-                sg, sgx, sd = _chunk_sums(dy[o, c, b0:b1], x[o, c, b0:b1], mc, ac, tc, relu,
-                                          zero)
+                sg, sgx, sd = _chunk_sums(_dense(dy[o, c, b0:b1]), _dense(x[o, c, b0:b1]), mc,
+                                          ac, tc, relu, zero)
                 acc_g += sg
                 acc_gx += sgx
                 acc_d += sd
@@ -1365,8 +1398,8 @@ def _sums_outer(dy, x, m, a, t, relu, nsplit, block, zero, psum, pdot, sink, ahe
                     if ahead:
                         _prefetch_ahead(x, o, c, b0, b1, ahead)
                         _prefetch_ahead(dy, o, c, b0, b1, ahead)
-                    sg, sgx, sd = _chunk_sums(dy[o, c, b0:b1], x[o, c, b0:b1], mc, ac, tc, relu,
-                                              zero)
+                    sg, sgx, sd = _chunk_sums(_dense(dy[o, c, b0:b1]), _dense(x[o, c, b0:b1]),
+                                              mc, ac, tc, relu, zero)
                     acc[0, c] += sg
                     acc[1, c] += sgx
                     acc_d += sd
@@ -1416,8 +1449,8 @@ def _rows_sums4(dy, x, r0, r4, m, a, t, relu, zero, sg, sgx):
                 for k in range(0, x.shape[1], 64 // x.itemsize):
                     _prefetch(x[j], k)
                     _prefetch(dy[j], k)
-        x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
-        g0, g1, g2, g3 = dy[o], dy[o + 1], dy[o + 2], dy[o + 3]
+        x0, x1, x2, x3 = _dense(x[o]), _dense(x[o + 1]), _dense(x[o + 2]), _dense(x[o + 3])
+        g0, g1, g2, g3 = _dense(dy[o]), _dense(dy[o + 1]), _dense(dy[o + 2]), _dense(dy[o + 3])
         for c in range(x.shape[1]):
             mc, ac, tc = m[c], a[c], t[c]
             v0, v1, v2, v3 = _ld(x0[c]), _ld(x1[c]), _ld(x2[c]), _ld(x3[c])
@@ -1514,8 +1547,8 @@ def _rows_sums(dy, x, o0, o1, m, a, t, relu, block_rows, zero, psum, pdot, ahead
         elif k > 1:
             start = _rows_tiled_sums(dy, x, xf, gf, r0, r1, m, zero, tile, sg, sgx, ahead)
         for o in range(start, r1):
-            xr = x[o]
-            gr = dy[o]
+            xr = _dense(x[o])
+            gr = _dense(dy[o])
             # Two loops, not one with a runtime gate: in one loop the plain
             # sums were 2.5x slower from memory (measured).
             if relu:
@@ -1554,8 +1587,9 @@ def _apply_channel_major(dy, x, m, a, t, relu, b, d, dx, isplit, parts, stream, 
         for task in range(p * tasks // parts, (p + 1) * tasks // parts):
             o, c, i0, i1 = _task_span(task, isplit, C, inner)
             mc, ac, tc, bc, dc = m[c], a[c], t[c], b[c], d[c]
-            sink[task] = _apply_run(dy[o, c, i0:i1], x[o, c, i0:i1], dx[o, c, i0:i1], mc, ac,
-                                    tc, relu, bc, dc, mc - mc, stream)  # the sink: see _gate
+            sink[task] = _apply_run(_dense(dy[o, c, i0:i1]), _dense(x[o, c, i0:i1]),
+                                    _dense(dx[o, c, i0:i1]), mc, ac, tc, relu, bc, dc, mc - mc,
+                                    stream)  # the sink: see _gate
         if stream:
             _store_fence()
 
@@ -1570,9 +1604,9 @@ def _apply_row_range(dy, x, o0, o1, m, a, t, relu, b, d, dx, ahead, zero):
     lo = _relu_floor(x)
     sd = zero
     for o in range(o0, o1):
-        xr = x[o]
-        gr = dy[o]
-        dr = dx[o]
+        xr = _dense(x[o])
+        gr = _dense(dy[o])
+        dr = _dense(dx[o])
         if relu:  # two loops, as in _rows_sums
             for c in range(x.shape[1]):
                 # Written out, not through _gate_sunk (where, before _fma,
@@ -1923,7 +1957,10 @@ def _row_views(x3, *more):
     """The 2-D ``(outer, C * inner)`` views of ``x3`` and of ``more`` (arrays
     of its shape) for the rows kernels, or None for the channel-major ones.
 
-    Channels-last input (``inner == 1``) always takes the rows kernels.
+    Channels-last input (``inner == 1``) takes the rows kernels when its
+    rows are dense (channel stride its item size), as they type every row
+    (:func:`_dense`); ``numbn.functional`` copies an input whose rows are
+    not (a step in its channel axis) first.
     Channel-major input with short runs takes them too (``inner`` at most
     ``_config.CPU_ROWS_MAX_INNER`` and ``C * inner**2`` at most
     ``_config.CPU_ROWS_MAX_WORK``) when every array is C-contiguous, so the
@@ -1935,6 +1972,8 @@ def _row_views(x3, *more):
     outer, C, inner = x3.shape
     arrays = (x3, *more)
     if inner == 1:
+        if any(C > 1 and a.strides[1] != a.itemsize for a in arrays):
+            return None  # rows that are not dense (_dense): the channel-major kernels
         return [a[:, :, 0] for a in arrays]
     short = inner <= _config.CPU_ROWS_MAX_INNER and C * inner * inner <= _config.CPU_ROWS_MAX_WORK
     if not short or not all(a.flags.c_contiguous for a in arrays):
@@ -2086,6 +2125,28 @@ def _ahead_elements(*arrays) -> int:
     return _AHEAD_BYTES // x3.itemsize
 
 
+def _unit(a) -> bool:
+    """Whether the runs of ``a`` (``(outer, C, inner)``) are dense: inner
+    stride its item size, or runs of one element. The channel-major kernels
+    type every run so (:func:`_dense`); the launchers give them a dense copy
+    of an input whose runs are not (:func:`_unit_runs`), and a dense buffer
+    for such an output, copied into it after: a view with a step or a
+    reversal in its innermost axis, whose loops ran one element at a time
+    anyway."""
+    return a.shape[2] <= 1 or a.strides[2] == a.itemsize
+
+
+def _unit_runs(a):
+    """``a``, or a C-contiguous copy of it when its runs are not dense (:func:`_unit`)."""
+    return a if _unit(a) else np.ascontiguousarray(a)
+
+
+def _unit_out(a):
+    """``a``, or a new C-contiguous array of its shape when its runs are not
+    dense (:func:`_unit`), for the caller to copy into ``a``."""
+    return a if _unit(a) else np.empty(a.shape, a.dtype)
+
+
 def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance (float64) of ``x3``."""
     x3 = _bits(x3)
@@ -2093,6 +2154,8 @@ def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if x3.size == 0:  # an empty batch (a SyncBatchNorm rank's): count 0
         return np.zeros(C), np.full(C, np.nan)
     views = _row_views(x3)
+    if views is None:
+        x3 = _unit_runs(x3)
     if views is None and _by_outer(x3):
         nsplit = _tasks(x3.size, outer)
         pn, pmean, pm2 = np.empty(nsplit), np.empty((nsplit, C)), np.empty((nsplit, C))
@@ -2139,8 +2202,11 @@ def _launch_elementwise(channel_major, rows, x3, y3, *args, shared=0) -> None:
     and whether to stream."""
     views = _row_views(x3, y3)
     if views is None:
-        channel_major.on(x3.size)(x3, *args, _zero(x3), y3, _isplit(x3), _threads(),
-                                  _stream(y3, x3, shared=shared))
+        x3, out = _unit_runs(x3), _unit_out(y3)
+        channel_major.on(x3.size)(x3, *args, _zero(x3), out, _isplit(x3), _threads(),
+                                  _stream(out, x3, shared=shared))
+        if out is not y3:
+            y3[...] = out
     else:
         x2, y2 = views
         rows.on(x3.size)(x2, *args, _zero(x3), y2, _tasks(x3.size, x3.shape[0]), _ahead(x2),
@@ -2200,6 +2266,8 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
     # The ReLU gate uses the forward's own coefficients, so the masks agree.
     mx, a, t = _in_dtype(_arith(x3), m, a, t)
     views = _row_views(x3, dy3)
+    if views is None:
+        dy3, x3 = _unit_runs(dy3), _unit_runs(x3)
     if views is None and _by_outer(x3):
         nsplit = _tasks(x3.size, outer)
         psum, pdot = np.empty((C, nsplit)), np.empty((C, nsplit))
@@ -2233,9 +2301,12 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3, shared=0) -> None:
     views = _row_views(x3, dy3, dx3)
     if views is None:
         isplit = _isplit(x3)
-        _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, dx3, isplit, _threads(),
-                                         _stream(dx3, x3, dy3, shared=shared),
+        dy3, x3, out = _unit_runs(dy3), _unit_runs(x3), _unit_out(dx3)
+        _apply_channel_major.on(x3.size)(dy3, x3, m, a, t, relu, b, d, out, isplit, _threads(),
+                                         _stream(out, x3, dy3, shared=shared),
                                          np.empty(x3.shape[0] * x3.shape[1] * isplit))
+        if out is not dx3:
+            dx3[...] = out
     else:
         x2, dy2, dx2 = views
         coef = np.stack(_repeat((m, a, t, b, d), x3.shape[2]))

@@ -188,3 +188,83 @@ def test_unaligned_arrays_are_not_streamed(rng, monkeypatch, case, dtype, traini
     want = run(x)
     np.testing.assert_array_equal(run(xu, out), want)
     np.testing.assert_array_equal(run(xu), want)
+
+
+def _runs_with_step(a, step):
+    """``a``'s values as an ``(outer, C, inner)`` view whose runs have a step
+    (2: every other element of a larger array; -1: reversed)."""
+    if step == -1:
+        return np.ascontiguousarray(a[..., ::-1])[..., ::-1]
+    big = np.zeros(a.shape[:2] + (2 * a.shape[2],), a.dtype)
+    big[..., ::2] = a
+    return big[..., ::2]
+
+
+@pytest.mark.parametrize("step", [2, -1])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(6, 5, 300), (1, 3, 5000), (40, 4, 90)])
+def test_kernels_take_runs_that_are_not_dense(shape, dtype, step, rng, cpu_path):
+    """The channel-major kernels type every run dense (``_cpu._dense``); the
+    four primitives give them a dense copy of an input whose runs are not,
+    and a dense buffer for such an output: a strided or reversed
+    ``(outer, C, inner)`` view gives what its contiguous copy gives, and the
+    output view receives it."""
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    xv, dyv = _runs_with_step(x, step), _runs_with_step(dy, step)
+    assert xv.strides[2] != xv.itemsize
+    mean, var = _cpu.stats(x)
+    np.testing.assert_array_equal(_cpu.stats(xv)[0], mean)
+    np.testing.assert_array_equal(_cpu.stats(xv)[1], var)
+    a = 1 / np.sqrt(var + 1e-5)
+    t = np.linspace(-1, 1, shape[1])
+    y = np.empty_like(x)
+    _cpu.normalize(x, mean, a, t, False, y)
+    yv = _runs_with_step(np.zeros_like(x), step)
+    _cpu.normalize(xv, mean, a, t, False, yv)
+    np.testing.assert_array_equal(yv, y)
+    sums = _cpu.backward_sums(dy, x, mean, a, t, True)
+    sums_v = _cpu.backward_sums(dyv, xv, mean, a, t, True)
+    np.testing.assert_array_equal(sums_v[0], sums[0])
+    np.testing.assert_array_equal(sums_v[1], sums[1])
+    b, d = -a * 0.5, 0.1 * t
+    dx = np.empty_like(x)
+    _cpu.backward_apply(dy, x, mean, a, t, True, b, d, dx)
+    dxv = _runs_with_step(np.zeros_like(x), step)
+    _cpu.backward_apply(dyv, xv, mean, a, t, True, b, d, dxv)
+    np.testing.assert_array_equal(dxv, dx)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("rows", [64, 5000])
+def test_kernels_take_rows_that_are_not_dense(rows, dtype, rng, cpu_path):
+    """Channels-last ``(outer, C, 1)`` views with a step in the channel axis
+    are not given to the rows kernels, which type every row dense
+    (``_cpu._row_views``): they give what the contiguous copy gives, to the
+    dtype's rounding (another kernel family, another order of summation)."""
+    shape = (rows, 6, 1)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+
+    def stepped(a):
+        big = np.zeros((a.shape[0], 2 * a.shape[1], 1), a.dtype)
+        big[:, ::2] = a
+        return big[:, ::2]
+
+    xv, dyv = stepped(x), stepped(dy)
+    tol = dict(rtol=1e-2 if dtype == np.float16 else 1e-5, atol=1e-5)
+    mean, var = _cpu.stats(x)
+    for got, want in zip(_cpu.stats(xv), (mean, var)):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    a, t = 1 / np.sqrt(var + 1e-5), np.linspace(-1, 1, 6)
+    y, yv = np.empty_like(x), stepped(np.zeros_like(x))
+    _cpu.normalize(x, mean, a, t, False, y)
+    _cpu.normalize(xv, mean, a, t, False, yv)
+    np.testing.assert_allclose(yv.astype(np.float64), y.astype(np.float64), **tol)
+    for got, want in zip(_cpu.backward_sums(dyv, xv, mean, a, t, False),
+                         _cpu.backward_sums(dy, x, mean, a, t, False)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    dx, dxv = np.empty_like(x), stepped(np.zeros_like(x))
+    _cpu.backward_apply(dy, x, mean, a, t, False, -a * 0.5, 0.1 * t, dx)
+    _cpu.backward_apply(dyv, xv, mean, a, t, False, -a * 0.5, 0.1 * t, dxv)
+    np.testing.assert_allclose(dxv.astype(np.float64), dx.astype(np.float64), **tol)
