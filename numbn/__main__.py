@@ -57,18 +57,28 @@ def _check(args) -> int:
     from numbn import _check
 
     rng = np.random.default_rng(args.seed)
-    results = list(_check.run_cases(args.backend, rng))
+    results = []
+
+    def report(found):
+        # Each case as it ends, so that a slow first run (compilation) shows progress.
+        for name, ok, detail in found:
+            results.append(ok)
+            if args.verbose or not ok:
+                print(f"{'PASS' if ok else 'FAIL'}  {name}  {detail}", flush=True)
+
+    from numbn import available_backends
+
+    for backend in args.backend or available_backends():
+        print(f"numbn check: {backend} (a first run compiles its kernels, which can take "
+              "minutes)", file=sys.stderr, flush=True)
+        report(_check.run_cases([backend], rng))
     try:
         from numbn._tool_checks import tool_checks
     except ImportError:
         pass
     else:
-        results += [(f"tools {name}", ok, detail) for name, ok, detail in tool_checks(rng)]
-    failed = 0
-    for name, ok, detail in results:
-        failed += not ok
-        if args.verbose or not ok:
-            print(f"{'PASS' if ok else 'FAIL'}  {name}  {detail}")
+        report((f"tools {name}", ok, detail) for name, ok, detail in tool_checks(rng))
+    failed = results.count(False)
     print(f"{len(results) - failed} passed, {failed} failed")
     return 1 if failed else 0
 

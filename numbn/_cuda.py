@@ -29,6 +29,13 @@ Two regimes of the canonical view, as on the CPU:
   2-D blocks, ``threadIdx.x`` along up to 32 contiguous channels (coalesced
   loads), ``threadIdx.y`` and ``blockIdx.y`` along rows.
 
+In both, a thread loads four elements (along its run, or across four rows)
+before it uses any, and the elementwise kernels store only after the four
+loads: with one load in flight per thread the kernels were latency-bound
+(on an H100, eval of NCHW (256, 64, 112, 112) float32 went from 0.29 to 0.37
+of the copy's bandwidth for the whole call, and its kernel alone to the
+copy's speed; ``benchmarks/gpu_results.md``).
+
 A reduction makes per-block partials ``(count, mean, M2)`` (statistics) or
 ``(sum_g, sum_gx)`` (backward) in a ``(3, C, splits)`` buffer, merged per
 channel by a second, tiny kernel: no two threads write one location and there
@@ -125,12 +132,44 @@ def unavailable_reason() -> str | None:
     except ImportError as exc:
         return (f"numba-cuda is not installed ({exc}); "
                 "install it with pip install 'numbn[cuda]'")
+    except Exception as exc:  # noqa: BLE001 - a numba-cuda that breaks on import, said why
+        return f"numba.cuda could not be imported ({type(exc).__name__}: {exc})"
     try:
         ok = module.is_available()
     except Exception as exc:  # noqa: BLE001 - a broken driver is "unavailable", said why
         return f"the CUDA driver could not be initialised ({type(exc).__name__}: {exc})"
     if not ok:
         return "no CUDA GPU or driver was found (numba.cuda.is_available() is False)"
+    return _compiler_problem()
+
+
+def _compiler_problem() -> str | None:
+    """Why numba-cuda's compiler cannot load, or None.
+
+    numba-cuda loads its lowering registries at the first compilation, not
+    at import, so a numba-cuda that does not work with the installed NumPy
+    imports and finds the GPU, then fails at the first kernel launch:
+    numba-cuda 0.30.4 (its last release) registers ``np.row_stack``, which
+    NumPy 2.5 removed (NVIDIA/numba-cuda#907; seen on an H100 with NumPy
+    2.5.2). Loading them here makes that a reason the backend is unavailable.
+    The simulator compiles nothing, so it is not asked.
+    """
+    if _simulator():
+        return None
+    try:
+        importlib.import_module("numba.cuda.cudaimpl")
+    except ImportError:
+        return None  # laid out otherwise in this numba-cuda; its first launch will tell
+    except Exception as exc:  # noqa: BLE001 - said why, with the versions
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = f"numba-cuda {version('numba-cuda')}"
+        except PackageNotFoundError:
+            found = "numba.cuda"
+        return (f"{found} cannot compile kernels with NumPy {np.__version__} "
+                f"({type(exc).__name__}: {exc}); pip install 'numbn[cuda]' "
+                "installs a NumPy it works with")
     return None
 
 
@@ -412,8 +451,14 @@ class Device:
             r[...] = new
             return
         d = Device.adopt(r)
-        src = cuda.to_device(np.ascontiguousarray(new, dtype=d.dtype), stream=_stream(d))
-        _copy(src, d)
+        values = np.ascontiguousarray(new, dtype=d.dtype)
+        if d.is_c_contiguous():
+            # One host-to-device copy into r: a running statistic updated by
+            # a temporary device copy and the copy kernel cost an allocation
+            # and a launch each, twice a training step.
+            d.copy_to_device(values, stream=_stream(d))
+            return
+        _copy(cuda.to_device(values, stream=_stream(d)), d)
 
 
 # Kernels -------------------------------------------------------------------
@@ -436,11 +481,26 @@ def _launch(kernel, grid, block, stream, *args, shared: int = 0):
     if blocks >= 128:
         kernel[grid, block, stream, shared](*args)
         return
-    from numba.core.errors import NumbaPerformanceWarning
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NumbaPerformanceWarning)
+        for category in _performance_warnings():
+            warnings.simplefilter("ignore", category)
         kernel[grid, block, stream, shared](*args)
+
+
+@functools.cache
+def _performance_warnings() -> tuple[type, ...]:
+    """The classes of numba's performance warning: numba-cuda (0.2x on) warns
+    with its own ``numba.cuda.core.errors.NumbaPerformanceWarning``, older
+    ``numba.cuda`` with ``numba.core.errors``'s; a filter must name each."""
+    found = []
+    for name in ("numba.core.errors", "numba.cuda.core.errors"):
+        try:
+            category = importlib.import_module(name).NumbaPerformanceWarning
+        except (ImportError, AttributeError):
+            continue
+        if category not in found:
+            found.append(category)
+    return tuple(found)
 
 
 def _shared_bytes(tpb: int) -> int:
@@ -619,6 +679,18 @@ def _build(tpb: int, shuffle: bool):
         return reduce
 
     @device
+    def along_run(a, o, c, i, d):
+        # Four elements d apart along a run, all loads issued before any use.
+        return (float(a[o, c, i]), float(a[o, c, i + d]), float(a[o, c, i + 2 * d]),
+                float(a[o, c, i + 3 * d]))
+
+    @device
+    def across_rows(a, o, c, i, d):
+        # The same element of four rows d apart.
+        return (float(a[o, c, i]), float(a[o + d, c, i]), float(a[o + 2 * d, c, i]),
+                float(a[o + 3 * d, c, i]))
+
+    @device
     def row_span(tid, inner):
         """Where thread ``tid`` works in a channel-major block: its row within
         the block's rows (``sub``), first element and stride along a row. Rows
@@ -659,6 +731,16 @@ def _build(tpb: int, shuffle: bool):
                 o = s_rows * rpi + sub
                 while o < outer:
                     i = lo + i0
+                    while i + 3 * istep < hi:  # four loads in flight, not one
+                        x0, x1, x2, x3 = along_run(x, o, c, i, istep)
+                        g0, g1, g2, g3 = 0.0, 0.0, 0.0, 0.0
+                        if grad:
+                            g0, g1, g2, g3 = along_run(dy, o, c, i, istep)
+                        a0, a1, a2, a3 = step(a0, a1, a2, a3, x0, g0, m, a, t, relu)
+                        a0, a1, a2, a3 = step(a0, a1, a2, a3, x1, g1, m, a, t, relu)
+                        a0, a1, a2, a3 = step(a0, a1, a2, a3, x2, g2, m, a, t, relu)
+                        a0, a1, a2, a3 = step(a0, a1, a2, a3, x3, g3, m, a, t, relu)
+                        i += 4 * istep
                     while i < hi:
                         xv = float(x[o, c, i])
                         gv = float(dy[o, c, i]) if grad else 0.0
@@ -687,12 +769,24 @@ def _build(tpb: int, shuffle: bool):
                 if grad:
                     m, a, t = float(coef[0, c]), float(coef[1, c]), float(coef[2, c])
                 o = s * ny + ty
+                d = cuda.gridDim.y * ny
+                while o + 3 * d < outer:  # four loads in flight, not one
+                    for i in range(inner):
+                        x0, x1, x2, x3 = across_rows(x, o, c, i, d)
+                        g0, g1, g2, g3 = 0.0, 0.0, 0.0, 0.0
+                        if grad:
+                            g0, g1, g2, g3 = across_rows(dy, o, c, i, d)
+                        a0, a1, a2, a3 = step(a0, a1, a2, a3, x0, g0, m, a, t, relu)
+                        a0, a1, a2, a3 = step(a0, a1, a2, a3, x1, g1, m, a, t, relu)
+                        a0, a1, a2, a3 = step(a0, a1, a2, a3, x2, g2, m, a, t, relu)
+                        a0, a1, a2, a3 = step(a0, a1, a2, a3, x3, g3, m, a, t, relu)
+                    o += 4 * d
                 while o < outer:
                     for i in range(inner):
                         xv = float(x[o, c, i])
                         gv = float(dy[o, c, i]) if grad else 0.0
                         a0, a1, a2, a3 = step(a0, a1, a2, a3, xv, gv, m, a, t, relu)
-                    o += cuda.gridDim.y * ny
+                    o += d
             b0, b1, b2 = close(a0, a1, a2, a3)
             b0, b1, b2 = rows_reduce(b0, b1, b2, tx, ty, nx, ny)
             if ty == 0 and c < C:
@@ -737,6 +831,16 @@ def _build(tpb: int, shuffle: bool):
                     m, a, t = float(coef[0, c]), float(coef[1, c]), float(coef[2, c])
                     b, d = float(coef[3, c]), float(coef[4, c])
                     i = lo + i0
+                    while i + 3 * istep < hi:  # four loads in flight, then the stores
+                        x0, x1, x2, x3 = along_run(x, o, c, i, istep)
+                        g0, g1, g2, g3 = 0.0, 0.0, 0.0, 0.0
+                        if grad:
+                            g0, g1, g2, g3 = along_run(dy, o, c, i, istep)
+                        out[o, c, i] = op(x0, g0, m, a, t, b, d, relu)
+                        out[o, c, i + istep] = op(x1, g1, m, a, t, b, d, relu)
+                        out[o, c, i + 2 * istep] = op(x2, g2, m, a, t, b, d, relu)
+                        out[o, c, i + 3 * istep] = op(x3, g3, m, a, t, b, d, relu)
+                        i += 4 * istep
                     while i < hi:
                         xv = float(x[o, c, i])
                         gv = float(dy[o, c, i]) if grad else 0.0
@@ -757,12 +861,24 @@ def _build(tpb: int, shuffle: bool):
                 m, a, t = float(coef[0, c]), float(coef[1, c]), float(coef[2, c])
                 b, d = float(coef[3, c]), float(coef[4, c])
                 o = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+                e = cuda.gridDim.y * cuda.blockDim.y
+                while o + 3 * e < outer:  # four loads in flight, then the stores
+                    for i in range(inner):
+                        x0, x1, x2, x3 = across_rows(x, o, c, i, e)
+                        g0, g1, g2, g3 = 0.0, 0.0, 0.0, 0.0
+                        if grad:
+                            g0, g1, g2, g3 = across_rows(dy, o, c, i, e)
+                        out[o, c, i] = op(x0, g0, m, a, t, b, d, relu)
+                        out[o + e, c, i] = op(x1, g1, m, a, t, b, d, relu)
+                        out[o + 2 * e, c, i] = op(x2, g2, m, a, t, b, d, relu)
+                        out[o + 3 * e, c, i] = op(x3, g3, m, a, t, b, d, relu)
+                    o += 4 * e
                 while o < outer:
                     for i in range(inner):
                         xv = float(x[o, c, i])
                         gv = float(dy[o, c, i]) if grad else 0.0
                         out[o, c, i] = op(xv, gv, m, a, t, b, d, relu)
-                    o += cuda.gridDim.y * cuda.blockDim.y
+                    o += e
 
         return channel_major, row_major
 

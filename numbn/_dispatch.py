@@ -111,6 +111,10 @@ def is_device_array(a) -> bool:
         # numba device arrays, and the CUDA simulator's, which have neither
         # __cuda_array_interface__ nor a CUDA DLPack device (checked first).
         return True
+    if type(a).__module__.split(".", 1)[0] == "torch":
+        # Asked, its array interface raises for a tensor that requires grad
+        # (an nn.Parameter), which numbn reads detached as any other tensor.
+        return bool(getattr(a, "is_cuda", False))
     if hasattr(a, "__cuda_array_interface__"):
         return True
     dev = getattr(a, "__dlpack_device__", None)

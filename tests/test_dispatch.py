@@ -117,6 +117,29 @@ def test_device_arrays_are_recognised(monkeypatch):
         _dispatch.resolve("cpu", _FakeDeviceArray())
 
 
+class _FakeTensorRequiringGrad:
+    """As a PyTorch CUDA tensor that requires grad: its array interface raises."""
+
+    __module__ = "torch"
+    shape = (4, 3)
+    dtype = np.dtype(np.float32)
+    is_cuda = True
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires "
+                           "grad. If gradients aren't required, use var.detach()")
+
+
+def test_tensor_requiring_grad_is_a_device_array():
+    """Seen on an H100: the RuntimeError escaped from the type check, where
+    numbn reads such a tensor (an nn.Parameter weight) detached."""
+    assert _dispatch.is_device_array(_FakeTensorRequiringGrad())
+    cpu_tensor = _FakeTensorRequiringGrad()
+    cpu_tensor.is_cuda = False
+    assert not _dispatch.is_device_array(cpu_tensor)
+
+
 @pytest.mark.parametrize("make", [
     lambda: numbn.BatchNorm(3),
     lambda: numbn.BatchNorm(3).eval(),
