@@ -365,9 +365,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     eps = _checks.eps(eps)
     if training:
         momentum = _checks.momentum(momentum)
-    if out is None:
+    target = _direct_out(out, x)
+    if target is not False:
         y = _direct_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
-                               eps, axis, backend, activation)
+                               eps, axis, backend, activation, target)
         if y is not None:
             return y
     axis, relu = _check_forward(x, weight, bias, axis, out, activation)
@@ -387,26 +388,42 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     return _infer(x, running_mean, running_var, weight, bias, eps, axis, backend, out, relu)
 
 
-def _direct_infer(x, mean, var, weight, bias, eps, axis, backend, activation):
-    """The eval forward by the direct path (:func:`_direct_view`): ``y``, or
-    None to leave the call to the general path. Takes ``weight`` and
-    ``bias`` given."""
+def _direct_out(out, x):
+    """What the direct path writes into: None (no ``out``: a new array),
+    ``out`` itself when it is a C-contiguous, writable NumPy array of x's
+    shape and dtype sharing no memory with x, else False, and the general
+    path checks and serves the call (in place, other layouts, or an error).
+    Without this, ``out=`` cost the general path: 10-12 us more a call than
+    without it (eval of (8, 64, 8, 8) float32: 27.6 against 18.0 us)."""
+    if out is None:
+        return None
+    if (type(out) is np.ndarray and type(x) is np.ndarray and out.shape == x.shape
+            and out.dtype == x.dtype and out.flags.c_contiguous and out.flags.writeable
+            and not np.may_share_memory(out, x)):
+        return out
+    return False
+
+
+def _direct_infer(x, mean, var, weight, bias, eps, axis, backend, activation, out=None):
+    """The eval forward by the direct path (:func:`_direct_view`): ``y``
+    (``out`` when given, :func:`_direct_out`), or None to leave the call to
+    the general path. Takes ``weight`` and ``bias`` given."""
     x3 = _direct_view(x, axis, backend)
     relu = _direct_activation(activation)
     if x3 is None or relu is None or not _ready(x3.shape[1], mean, var, weight, bias):
         return None
-    y = empty(x.shape, x.dtype)
+    y = empty(x.shape, x.dtype) if out is None else out
     _cpu_kernels().infer_ready(x3, mean, var, weight, bias, eps, relu, y.reshape(x3.shape))
     return y
 
 
-def _direct_train(x, weight, bias, eps, axis, backend, activation, *running):
+def _direct_train(x, weight, bias, eps, axis, backend, activation, *running, out=None):
     """The training forward by the direct path (:func:`_direct_view`):
     ``(y, mean, var_biased, count)``, or None to leave the call to the
     general path. Takes ``weight`` and ``bias`` given, two or more values per
     channel, and an input the one-call kernel serves (``numbn._cpu.train_ready``);
     ``running``, the running statistics the caller will update, must be as
-    the kernels take them too."""
+    the kernels take them too. ``y`` is ``out`` when given (:func:`_direct_out`)."""
     x3 = _direct_view(x, axis, backend)
     relu = _direct_activation(activation)
     if x3 is None or relu is None:
@@ -415,7 +432,7 @@ def _direct_train(x, weight, bias, eps, axis, backend, activation, *running):
     n = outer * inner
     if n < 2 or not _ready(c, weight, bias) or (running and not _ready(c, *running)):
         return None
-    y = empty(x.shape, x.dtype)
+    y = empty(x.shape, x.dtype) if out is None else out
     stats = _cpu_kernels().train_ready(x3, weight, bias, eps, relu, y.reshape(x3.shape))
     if stats is None:
         return None
@@ -423,16 +440,16 @@ def _direct_train(x, weight, bias, eps, axis, backend, activation, *running):
 
 
 def _direct_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                       axis, backend, activation):
-    """:func:`batch_norm` (``out=None``) by the direct path: ``y``, or None
-    to leave the call to the general path (in training, running statistics
-    both given or both None)."""
+                       axis, backend, activation, out=None):
+    """:func:`batch_norm` by the direct path: ``y`` (``out`` when given,
+    :func:`_direct_out`), or None to leave the call to the general path (in
+    training, running statistics both given or both None)."""
     if not training:
         return _direct_infer(x, running_mean, running_var, weight, bias, eps, axis, backend,
-                             activation)
+                             activation, out)
     track = running_mean is not None or running_var is not None
     done = _direct_train(x, weight, bias, eps, axis, backend, activation,
-                         *((running_mean, running_var) if track else ()))
+                         *((running_mean, running_var) if track else ()), out=out)
     if done is None:
         return None
     y, mean, var, n = done
@@ -499,8 +516,9 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps: float = 1e-5, axis: in
     array([ 2., 20.])
     """
     eps = _checks.eps(eps)
-    if out is None:
-        done = _direct_train(x, weight, bias, eps, axis, backend, activation)
+    target = _direct_out(out, x)
+    if target is not False:
+        done = _direct_train(x, weight, bias, eps, axis, backend, activation, out=target)
         if done is not None:
             y, mean, var, _ = done
             dt = _stats_dtype(x)

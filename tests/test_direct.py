@@ -52,7 +52,16 @@ def _calls(x, dy, axis, vdt, activation, rng):
     ye = numbn.batch_norm(x, rm, rv, w, b, False, axis=axis, activation=activation)
     yn = numbn.batch_norm(x, None, None, w, b, True, axis=axis, activation=activation)
     _, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis, activation=activation)
-    out = [y, ye, yn, rm, rv]
+    # out= (C-contiguous, not x's memory) takes the direct path too, and is what comes back.
+    into = [np.full_like(x, np.nan) for _ in range(3)]
+    rm_o, rv_o = rm.copy(), rv.copy()
+    got = [numbn.batch_norm(x, rm_o, rv_o, w, b, True, 0.3, axis=axis, activation=activation,
+                            out=into[0]),
+           numbn.batch_norm(x, rm_o, rv_o, w, b, False, axis=axis, activation=activation,
+                            out=into[1]),
+           numbn.batch_norm_forward(x, w, b, axis=axis, activation=activation, out=into[2])[0]]
+    assert all(g is o for g, o in zip(got, into))
+    out = [y, ye, yn, rm, rv, *into, rm_o, rv_o]
     for training in (True, False):
         out += numbn.batch_norm_backward(dy, x, mean, invstd, w, bias=b, training=training,
                                          axis=axis, activation=activation)
@@ -77,7 +86,7 @@ def test_direct_equals_general(shape, axis, dtype, vdt, activation, spy, monkeyp
     # general path.
     stats_dtype = np.float32 if dtype == np.float16 else dtype
     backwards = (4 if activation is None else 2) if vdt == stats_dtype else 0
-    assert spy == {"infer_ready": 1, "train_ready": 3, "backward_ready": backwards}
+    assert spy == {"infer_ready": 2, "train_ready": 5, "backward_ready": backwards}
     _general(monkeypatch)
     general = _calls(x, dy, axis, vdt, activation, np.random.default_rng(1))
     assert len(direct) == len(general)
@@ -101,7 +110,14 @@ def test_direct_path_declines(spy, rng):
         numbn.batch_norm(x.astype(np.int32), rm, rv, w, b, training=False)
     numbn.batch_norm(x, rm, rv, w, b, training=False, backend="numpy")
     numbn.batch_norm(x, rm.astype(np.float64), rv, w, b, training=False)  # mixed dtypes
-    numbn.batch_norm(x, rm, rv, w, b, training=False, out=np.empty_like(x))
+    numbn.batch_norm(x, rm, rv, w, b, training=False, out=np.empty_like(x, order="F"))
+    xi = x.copy()
+    numbn.batch_norm(xi, rm, rv, w, b, training=False, out=xi)  # in place: the general path
+    with pytest.raises(TypeError):  # out of another dtype: the general path refuses it
+        numbn.batch_norm(x, rm, rv, w, b, training=False, out=np.empty(x.shape))
+    with pytest.raises(ValueError):  # out overlapping x: the general path refuses it
+        big = np.zeros((9, 4, 3), np.float32)
+        numbn.batch_norm(big[1:], rm, rv, w, b, training=False, out=big[:8])
     with numbn.set_backend("numpy"):
         numbn.batch_norm(x, rm, rv, w, b, training=False)
     assert spy == {"infer_ready": 0, "train_ready": 0, "backward_ready": 0}
