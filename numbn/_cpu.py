@@ -74,6 +74,7 @@ from numba.extending import intrinsic, overload
 from numba.np.arrayobj import populate_array
 
 from . import _checks, _config, _reference
+from ._layout import dense_view
 
 _FASTMATH = {"reassoc", "contract"}
 #: ``error_model="numpy"``: a float division by zero gives inf or NaN, as in
@@ -1972,7 +1973,7 @@ def _row_views(x3, *more):
     outer, C, inner = x3.shape
     arrays = (x3, *more)
     if inner == 1:
-        if any(C > 1 and a.strides[1] != a.itemsize for a in arrays):
+        if not all(dense_view(a) for a in arrays):
             return None  # rows that are not dense (_dense): the channel-major kernels
         return [a[:, :, 0] for a in arrays]
     short = inner <= _config.CPU_ROWS_MAX_INNER and C * inner * inner <= _config.CPU_ROWS_MAX_WORK
@@ -2133,7 +2134,7 @@ def _unit(a) -> bool:
     for such an output, copied into it after: a view with a step or a
     reversal in its innermost axis, whose loops ran one element at a time
     anyway."""
-    return a.shape[2] <= 1 or a.strides[2] == a.itemsize
+    return a.shape[2] <= 1 or dense_view(a)
 
 
 def _unit_runs(a):

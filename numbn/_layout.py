@@ -154,6 +154,18 @@ def contiguous_view(a, axis: int) -> np.ndarray | None:
     return a.reshape(outer, c, a.size // (outer * c))
 
 
+def dense_view(v) -> bool:
+    """Whether the kernels read the ``(outer, C, inner)`` view ``v`` in dense
+    runs: its inner stride is its item size or, with ``inner == 1`` (the
+    rows of channels-last input), its channel stride is (or it has one
+    channel). Otherwise they read it one element at a time: the launchers
+    give the kernels dense copies (``numbn._cpu._unit_runs``) and the
+    functional API copies such an input first (``functional._dense_runs``)."""
+    if v.shape[2] > 1:
+        return v.strides[2] == v.itemsize
+    return v.shape[1] <= 1 or v.strides[1] == v.itemsize
+
+
 @functools.lru_cache(maxsize=256)
 def _plan(shape: tuple, strides: tuple, axis: int) -> Plan:
     return Plan._make(shape, strides, axis)

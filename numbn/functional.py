@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _checks, _dispatch, _reference
 from ._dispatch import resolve
-from ._layout import Plan, contiguous_view, empty
+from ._layout import Plan, contiguous_view, dense_view, empty
 from ._reference import _quiet
 
 
@@ -120,17 +120,9 @@ def _views(eng, x, axis: int, out=None):
     return eng.canonical(xa, plan), full, y3, plan
 
 
-def _dense_view(v) -> bool:
-    """Whether the ``(outer, C, inner)`` view ``v`` has dense runs (inner
-    stride its item size) or, with ``inner == 1``, dense rows of channels."""
-    if v.shape[2] > 1:
-        return v.strides[2] == v.itemsize
-    return v.shape[1] <= 1 or v.strides[1] == v.itemsize
-
-
 def _dense_runs(x, plan, axis):
     """``(x, plan)`` as they are when ``x``'s ``(outer, C, inner)`` view is
-    dense (:func:`_dense_view`), else a dense copy of ``x`` in its own
+    dense (:func:`numbn._layout.dense_view`), else a dense copy of ``x`` in its own
     memory order (``order="K"``) and the copy's plan: a view whose innermost
     axis (or channel axis, for channels-last input) has a step or runs
     backwards, or channels-last input sliced along the batch (its view is
@@ -141,7 +133,7 @@ def _dense_runs(x, plan, axis):
     pass at memory speed. Outputs follow the copy's order, which is x's;
     ``dy`` gets the same treatment in the backward."""
     v = plan.view(x)
-    if v is None or _dense_view(v):
+    if v is None or dense_view(v):
         return x, plan
     x = np.copy(x, order="K")
     return x, Plan.of(x, axis)
@@ -665,7 +657,7 @@ def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, rel
     dy3 = contiguous_view(dy, axis) if plan is None else None
     if dy3 is None:
         dy3 = eng.canonical(eng.adopt(dy), plan or Plan.of(x, axis))
-        if eng is _Host and not _dense_view(dy3):
+        if eng is _Host and not dense_view(dy3):
             dy3 = np.ascontiguousarray(dy3)  # as x's view is made dense (_dense_runs)
     if eng is _Host and dy3.dtype != x3.dtype:
         # dy in the kernels' arithmetic dtype (float32 for float16 and
