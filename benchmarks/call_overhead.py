@@ -5,7 +5,8 @@ after a cache-flushing copy.
 Run ``python benchmarks/call_overhead.py [--rounds N] [--shape 2,64,4,4]``. The
 calls are those ``numbn bench`` times (forward is the training forward), and
 ``batch_norm_forward`` ("fwd+stats": the training forward that also returns
-mean and invstd for the backward).
+mean and invstd for the backward); "-wb": eval, ``batch_norm_forward`` and
+the backward without weight and bias, as a layer with ``affine=False`` calls them.
 
 Why both: in a network, each BatchNorm call runs just after a layer that has
 streamed megabytes through the caches, so the Python and dispatch code of the
@@ -47,6 +48,13 @@ def main(argv=None):
     # The functional training forward, which also returns mean and invstd.
     w, b = np.ones(shape[1], np.float32), np.zeros(shape[1], np.float32)
     calls["numbn fwd+stats"] = lambda: numbn.batch_norm_forward(x, w, b)
+    # Without weight and bias (affine=False): ones and zeros stand in for them.
+    rm, rv = np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)
+    _, mean, invstd = numbn.batch_norm_forward(x)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    calls["numbn eval -wb"] = lambda: numbn.batch_norm(x, rm, rv)
+    calls["numbn fwd+st -wb"] = lambda: numbn.batch_norm_forward(x)
+    calls["numbn bwd -wb"] = lambda: numbn.batch_norm_backward(dy, x, mean, invstd)
     if _bench.has_torch():
         calls.update({f"torch {k}": f for k, f in _bench._torch_calls(x, 1, rng).items()})
     else:

@@ -61,13 +61,23 @@ def _calls(x, dy, axis, vdt, activation, rng):
                             out=into[1]),
            numbn.batch_norm_forward(x, w, b, axis=axis, activation=activation, out=into[2])[0]]
     assert all(g is o for g, o in zip(got, into))
-    out = [y, ye, yn, rm, rv, *into, rm_o, rv_o]
+    # Without weight or bias (ones and zeros stand in for them).
+    rm_n, rv_n = rm.copy(), rv.copy()
+    bare = [numbn.batch_norm(x, rm_n, rv_n, None, None, True, 0.3, axis=axis,
+                             activation=activation),
+            numbn.batch_norm(x, rm_n, rv_n, None, b, False, axis=axis, activation=activation),
+            numbn.batch_norm_forward(x, w, axis=axis, activation=activation)[0], rm_n, rv_n]
+    out = [y, ye, yn, rm, rv, *into, rm_o, rv_o, *bare]
     for training in (True, False):
         out += numbn.batch_norm_backward(dy, x, mean, invstd, w, bias=b, training=training,
                                          axis=axis, activation=activation)
         if activation is None:
             out += numbn.batch_norm_backward(dy, x, mean, invstd, w, training=training,
                                              axis=axis)
+        dx, dw, db = numbn.batch_norm_backward(dy, x, mean, invstd, training=training,
+                                               axis=axis, activation=activation)
+        assert dw is None and db is None
+        out.append(dx)
     return out
 
 
@@ -86,7 +96,11 @@ def test_direct_equals_general(shape, axis, dtype, vdt, activation, spy, monkeyp
     # general path.
     stats_dtype = np.float32 if dtype == np.float16 else dtype
     backwards = (4 if activation is None else 2) if vdt == stats_dtype else 0
-    assert spy == {"infer_ready": 2, "train_ready": 5, "backward_ready": backwards}
+    # The backward without weight takes ones of mean's dtype: always the direct path.
+    backwards += 2
+    # The eval without weight takes ones of the running statistics' dtype (vdt),
+    # bias of vdt too; the forward without bias, zeros of the weight's.
+    assert spy == {"infer_ready": 3, "train_ready": 7, "backward_ready": backwards}
     _general(monkeypatch)
     general = _calls(x, dy, axis, vdt, activation, np.random.default_rng(1))
     assert len(direct) == len(general)
@@ -103,7 +117,6 @@ def test_direct_path_declines(spy, rng):
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     ro = rv.copy()
     ro.flags.writeable = False
-    numbn.batch_norm(x, rm, rv, training=False)  # no weight and bias
     numbn.batch_norm(x, rm, ro, w, b, training=False)  # a read-only vector
     numbn.batch_norm(x.transpose(0, 2, 1), rm, rv, w, b, training=False, axis=2)  # strided
     with pytest.raises(TypeError):  # not a float dtype: the general path refuses it
