@@ -76,6 +76,11 @@ CPU_STREAM_MIN_BYTES = 24 * 1024 * 1024
 #: the threads of a parallel region costs more than such an input's work.
 CPU_PARALLEL_MIN = 32768
 
+#: Copies between memory orders (a ``dy`` whose order is not x's) of at
+#: least this many elements take the tiled kernel (``_cpu.copy_into``);
+#: smaller ones, cached anyway, NumPy's assignment.
+CPU_TILED_COPY_MIN = 32768
+
 #: Outputs of at least this many bytes are touched once per page when
 #: allocated, on the calling thread (numbn._layout.Plan.empty says why).
 #: glibc maps allocations above 32 MiB anew every time; smaller ones reuse

@@ -2405,3 +2405,87 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
                                     _zero(x3), np.empty((C, 5), _arith(x3)), np.empty(C), dx3,
                                     db, dw, _stream(dx3, x3, dy3))
     return dw, db
+
+
+#: Elements along each side of the square tiles of :func:`copy_into`.
+_COPY_TILE = 8
+
+#: The unsigned integer dtype of each item size: :func:`copy_into` moves bits.
+_BITS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@_Kernel
+def _tile_copy(src, dst):
+    """``dst[...] = src`` of two 5-D arrays of one shape, ``src`` read in
+    ``_COPY_TILE`` x ``_COPY_TILE`` tiles of its last two axes (its fastest
+    axis the fourth, ``dst``'s the fifth), so each cache line of either is
+    used whole while it is cached. The inner loop runs along ``src``'s runs.
+    Float32 (32, 64, 56, 56), two threads, ms, C-order from channels-last,
+    channels-last from C-order, C-order from F-order, F-order from C-order:
+    tiles of 8 (this) 4.3, 5.1, 7.1, 6.9; of 32 2.6, 9.6, 10.8, 11.3; of 16
+    along ``dst``'s runs 6.2, 5.5, 6.1, 4.4; NumPy's assignment 8.1, 5.5,
+    74, 22; a plain copy 1.3-1.6 (measured)."""
+    A, B, D, K, L = src.shape
+    T = _COPY_TILE
+    nk = (K + T - 1) // T
+    for task in prange(A * B * D * nk):
+        kb = task % nk
+        r = task // nk
+        d = r % D
+        r //= D
+        b = r % B
+        a = r // B
+        k0 = kb * T
+        sv = src[a, b, d, k0:min(k0 + T, K)]
+        dv = dst[a, b, d, k0:min(k0 + T, K)]
+        for l0 in range(0, L, T):
+            st = sv[:, l0:min(l0 + T, L)]
+            dt = dv[:, l0:min(l0 + T, L)]
+            for j in range(st.shape[1]):  # along src's runs (measured: see above)
+                for i in range(st.shape[0]):
+                    dt[i, j] = st[i, j]
+
+
+def copy_into(dst, src) -> None:
+    """``dst[...] = src`` for NumPy arrays of one shape and dtype, ``dst``
+    C-contiguous. A ``src`` whose fastest axis is not ``dst``'s (an
+    F-ordered or channels-last ``dy`` beside a C-ordered ``x``, or the other
+    way round) is copied in tiles by :func:`_tile_copy`: NumPy's assignment
+    reads it one element per cache line: (32, 64, 56, 56) float32 into
+    C-order from F-order took 74 ms that way, 7.1 ms tiled, 1.3 ms for a
+    plain copy (measured). Anything else is NumPy's assignment."""
+    shape, strides = _merged(src.shape, src.strides)
+    if (dst.dtype != src.dtype or src.itemsize not in _BITS or not dst.flags.c_contiguous
+            or len(shape) < 2 or len(shape) > 5 or src.size < _config.CPU_TILED_COPY_MIN):
+        dst[...] = src
+        return
+    k = min(range(len(shape)), key=lambda i: abs(strides[i]))
+    if k == len(shape) - 1:
+        dst[...] = src
+        return
+    order = [i for i in range(len(shape) - 1) if i != k] + [k, len(shape) - 1]
+    pad = 5 - len(shape)
+    dst_strides = np.cumprod((1,) + shape[:0:-1])[::-1] * src.itemsize
+    bits = _BITS[src.itemsize]
+    s = np.lib.stride_tricks.as_strided(
+        src.view(bits), (1,) * pad + tuple(shape[i] for i in order),
+        (0,) * pad + tuple(strides[i] for i in order))
+    d = np.lib.stride_tricks.as_strided(
+        dst.view(bits), s.shape, (0,) * pad + tuple(int(dst_strides[i]) for i in order))
+    _tile_copy.on(src.size)(s, d)
+
+
+def _merged(shape, strides):
+    """``shape`` and ``strides`` without size-1 axes, neighbours that are one
+    strided run merged (as a C-contiguous array's would be)."""
+    out_shape, out_strides = [], []
+    for n, st in zip(shape, strides):
+        if n == 1:
+            continue
+        if out_shape and out_strides[-1] == st * n:
+            out_shape[-1] *= n
+            out_strides[-1] = st
+        else:
+            out_shape.append(n)
+            out_strides.append(st)
+    return tuple(out_shape), tuple(out_strides)

@@ -118,13 +118,17 @@ class Plan:
         full = buf.reshape([self.shape[a] for a in self.order])
         return (full if self.back is None else full.transpose(self.back)), buf
 
-    def dense(self, a: np.ndarray, dtype=None) -> np.ndarray:
-        """``(outer, C, inner)`` of ``a``: a view when one exists, else a copy."""
+    def dense(self, a: np.ndarray, dtype=None, copy=None) -> np.ndarray:
+        """``(outer, C, inner)`` of ``a``: a view when one exists, else a copy,
+        made by ``copy(dst, src)`` when given (``numbn._cpu.copy_into``)."""
         v = self.view(a)
         if v is not None and (dtype is None or v.dtype == dtype):
             return v
         full, v = self.empty(a.dtype if dtype is None else dtype)
-        full[...] = a
+        if copy is None:
+            full[...] = a
+        else:  # the buffer in the plan's axis order is C-contiguous
+            copy(v.reshape([self.shape[i] for i in self.order]), a.transpose(self.order))
         return v
 
 

@@ -48,7 +48,7 @@ class _Host:
 
     @staticmethod
     def canonical(a, plan: Plan):
-        return plan.dense(a)
+        return plan.dense(a, copy=_cpu_kernels().copy_into)
 
     @staticmethod
     def output(plan: Plan, dtype, out=None, like=None):
@@ -64,8 +64,8 @@ class _Host:
 
     @staticmethod
     def finish(full, out, like):
-        if out is not None and full is not out:
-            out[...] = full
+        if out is not None and full is not out:  # out in another order than x's
+            _cpu_kernels().copy_into(out, full)
             return out
         return full
 
@@ -679,7 +679,10 @@ def _kernel_backward(eng, dy, x, mean, invstd, weight, bias, training, axis, rel
     if dy3 is None:
         dy3 = eng.canonical(eng.adopt(dy), plan or Plan.of(x, axis))
         if eng is _Host and not dense_view(dy3):
-            dy3 = np.ascontiguousarray(dy3)  # as x's view is made dense (_dense_runs)
+            # As x's view is made dense (_dense_runs).
+            dense = np.empty(dy3.shape, dy3.dtype)
+            _cpu_kernels().copy_into(dense, dy3)
+            dy3 = dense
     if eng is _Host and dy3.dtype != x3.dtype:
         # dy in the kernels' arithmetic dtype (float32 for float16 and
         # float32 x, float64 for float64 x): a copy but for float32 dy with

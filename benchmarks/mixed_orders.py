@@ -1,0 +1,77 @@
+"""The backward when ``x`` and ``dy`` lie in different memory orders.
+
+Run ``python benchmarks/mixed_orders.py [--rounds N] [--shape 32,64,56,56]``.
+For an NCHW float32 shape it times ``batch_norm_backward`` with ``x`` and
+``dy`` each C-ordered, F-ordered or channels-last in memory (PyTorch's
+``channels_last``: NHWC memory behind NCHW axes), every pair taking its turn
+in each round, and prints the median milliseconds and the ratio to the
+all-C-ordered call, beside the time of NumPy's copy of ``dy`` into the
+other order (what numbn did before ``numbn._cpu.copy_into``). A ``dy`` in
+another order than x's is copied into x's first; the kernels then run as
+for matching orders. Every result is checked against the matching-order
+call first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numba
+import numpy as np
+
+import numbn
+
+ORDERS = {
+    "C": np.ascontiguousarray,
+    "F": np.asfortranarray,
+    "last": lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+}
+PAIRS = [("C", "C"), ("F", "F"), ("last", "last"), ("F", "C"), ("C", "F"), ("last", "C"),
+         ("C", "last")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--shape", default="32,64,56,56", help="NCHW, comma-separated")
+    args = p.parse_args(argv)
+    shape = tuple(int(s) for s in args.shape.split(","))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    w = np.ones(shape[1], np.float32)
+    _, mean, invstd = numbn.batch_norm_forward(x, w)
+    calls, copies = {}, {}
+    for xo, do in PAIRS:
+        xs, dys = ORDERS[xo](x), ORDERS[do](dy)
+        got = numbn.batch_norm_backward(dys, xs, mean, invstd, w)
+        want = numbn.batch_norm_backward(ORDERS[xo](dy), xs, mean, invstd, w)
+        for g, e in zip(got, want):
+            np.testing.assert_array_equal(g, e)
+        calls[(xo, do)] = lambda xs=xs, dys=dys: numbn.batch_norm_backward(dys, xs, mean,
+                                                                           invstd, w)
+        if xo != do:
+            into = ORDERS[xo](np.empty(shape, np.float32))
+            copies[(xo, do)] = lambda into=into, dys=dys: np.copyto(into, dys)
+    times = {k: [] for k in [*calls, *(("copy",) + k for k in copies)]}
+    order = np.random.default_rng(1)
+    every = [*calls.items(), *((("copy",) + k, f) for k, f in copies.items())]
+    for _ in range(args.rounds):
+        for j in order.permutation(len(every)):
+            key, f = every[j]
+            t0 = time.perf_counter()
+            f()
+            times[key].append(time.perf_counter() - t0)
+    ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    print(f"numbn {numbn.__version__}, {numba.get_num_threads()} threads, backward of "
+          f"{shape} float32, median ms of {args.rounds} interleaved rounds")
+    print(f"{'x':<6} {'dy':<6} {'ms':>8} {'vs C,C':>8} {'NumPy copy of dy':>17}")
+    for xo, do in PAIRS:
+        copy = f"{ms[('copy', xo, do)]:17.2f}" if xo != do else f"{'':>17}"
+        print(f"{xo:<6} {do:<6} {ms[(xo, do)]:8.2f} {ms[(xo, do)] / ms[('C', 'C')]:7.2f}x"
+              f" {copy}")
+
+
+if __name__ == "__main__":
+    main()
