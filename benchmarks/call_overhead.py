@@ -20,7 +20,6 @@ call moves 2 x 16 MiB. Results are checked against the reference first.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numba
@@ -34,13 +33,7 @@ FLUSH_BYTES = 16 << 20
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=300)
-    p.add_argument("--shape", default="2,64,4,4", help="NCHW, comma-separated")
-    args = p.parse_args(argv)
-    shape = tuple(int(s) for s in args.shape.split(","))
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape).astype(np.float32)
+    rounds, shape, x, rng = _bench.script_input(__doc__, argv, 300, "2,64,4,4")
     np.testing.assert_allclose(numbn.batch_norm_forward(x)[0], _reference.forward_train(x)[0],
                                rtol=1e-4, atol=1e-4)
     # The calls `numbn bench` times, on this small input.
@@ -66,12 +59,12 @@ def main(argv=None):
     names = list(calls)
     order = np.random.default_rng(1)
     print(f"numbn {numbn.__version__}, {numba.get_num_threads()} threads, input {shape} "
-          f"float32, median us per call over {args.rounds} rounds")
+          f"float32, median us per call over {rounds} rounds")
     print(f"{'call':<16} {'hot':>8} {'cold':>8}")
     medians = {}
     for mode in ("hot", "cold"):
         times = {k: [] for k in names}
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for j in order.permutation(len(names)):
                 if mode == "cold":
                     _parallel_copy(big, dst, numba.get_num_threads())

@@ -14,13 +14,13 @@ call first.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numba
 import numpy as np
 
 import numbn
+from numbn import _bench
 
 ORDERS = {
     "C": np.ascontiguousarray,
@@ -32,13 +32,7 @@ PAIRS = [("C", "C"), ("F", "F"), ("last", "last"), ("F", "C"), ("C", "F"), ("las
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=25)
-    p.add_argument("--shape", default="32,64,56,56", help="NCHW, comma-separated")
-    args = p.parse_args(argv)
-    shape = tuple(int(s) for s in args.shape.split(","))
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape).astype(np.float32)
+    rounds, shape, x, rng = _bench.script_input(__doc__, argv, 25, "32,64,56,56")
     dy = rng.standard_normal(shape).astype(np.float32)
     w = np.ones(shape[1], np.float32)
     _, mean, invstd = numbn.batch_norm_forward(x, w)
@@ -57,7 +51,7 @@ def main(argv=None):
     times = {k: [] for k in [*calls, *(("copy",) + k for k in copies)]}
     order = np.random.default_rng(1)
     every = [*calls.items(), *((("copy",) + k, f) for k, f in copies.items())]
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for j in order.permutation(len(every)):
             key, f = every[j]
             t0 = time.perf_counter()
@@ -65,7 +59,7 @@ def main(argv=None):
             times[key].append(time.perf_counter() - t0)
     ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
     print(f"numbn {numbn.__version__}, {numba.get_num_threads()} threads, backward of "
-          f"{shape} float32, median ms of {args.rounds} interleaved rounds")
+          f"{shape} float32, median ms of {rounds} interleaved rounds")
     print(f"{'x':<6} {'dy':<6} {'ms':>8} {'vs C,C':>8} {'NumPy copy of dy':>17}")
     for xo, do in PAIRS:
         copy = f"{ms[('copy', xo, do)]:17.2f}" if xo != do else f"{'':>17}"

@@ -70,6 +70,22 @@ def median_seconds(f, repeat: int = 7) -> float:
     return _median_interleaved([f], repeat, warm=True)[0]
 
 
+def script_input(doc: str, argv, rounds: int, shape: str):
+    """The ``--rounds`` and ``--shape`` (NCHW, comma-separated) options of the
+    timing scripts in ``benchmarks/``, parsed from ``argv``, with ``doc``'s
+    first paragraph as the description: ``(rounds, shape, x, rng)``, ``x`` a
+    float32 standard-normal input of that shape drawn from ``rng`` (seed 0)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--shape", default=shape, help="NCHW, comma-separated")
+    args = p.parse_args(argv)
+    dims = tuple(int(s) for s in args.shape.split(","))
+    rng = np.random.default_rng(0)
+    return args.rounds, dims, rng.standard_normal(dims).astype(np.float32), rng
+
+
 def _median_interleaved(funcs, repeat, warm=False, seed=0):
     """Median time of each of ``funcs``, run in turn ``repeat`` times, in a
     new random order each round: with a fixed order, what one call leaves in
