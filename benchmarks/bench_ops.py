@@ -107,3 +107,39 @@ class CopyBandwidth:
         n = numba.get_num_threads()
         return 2 * self.src.nbytes / median_seconds(
             lambda: _parallel_copy(self.src, self.dst, n)) / 1e9
+
+
+#: Memory orders of an NCHW array: C, F, and PyTorch's channels_last (NHWC
+#: memory behind NCHW axes).
+_ORDERS = {
+    "C": np.ascontiguousarray,
+    "F": np.asfortranarray,
+    "channels_last": lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3,
+                                                                                       1, 2),
+}
+
+
+class MixedOrderBackward:
+    """The CPU backward, float32, with ``dy`` in another memory order than
+    ``x``'s: ``dy`` is copied into x's order first (``numbn._cpu.copy_into``).
+    The same orders (``x`` and ``dy`` alike) are the baseline."""
+
+    params = (["C/C", "C/F", "F/C", "C/channels_last", "channels_last/C",
+               "channels_last/channels_last"],
+              [k for k in ("medium", "large") if k in SIZES] or list(SIZES))
+    param_names = ["x_dy_orders", "size"]
+
+    def setup(self, orders, size):
+        x = make_input(size, "NCHW", "float32")[0]
+        dy = make_input(size, "NCHW", "float32", seed=1)[0]
+        x_order, dy_order = orders.split("/")
+        self.x, self.dy = _ORDERS[x_order](x), _ORDERS[dy_order](dy)
+        self.w = np.ones(x.shape[1], np.float32)
+        _, self.mean, self.invstd = numbn.batch_norm_forward(self.x, self.w)
+        got = self.time_backward(orders, size)
+        want = numbn.batch_norm_backward(dy, x, self.mean, self.invstd, self.w,
+                                         backend="numpy")
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-3, atol=1e-3)
+
+    def time_backward(self, *params):
+        return numbn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w)
