@@ -45,6 +45,18 @@ def test_short_runs_take_the_rows_kernels():
     assert _cpu._row_views(np.zeros((12, 6, 98), np.float32)[:, :, ::2]) is None  # no view
 
 
+def test_elementwise_passes_take_rows_for_shorter_runs():
+    """The eval and the two-pass normalisation read channel-major input as
+    rows for runs shorter than ``CPU_ROWS_ELEMENTWISE_MAX_INNER`` only; the
+    reductions up to ``CPU_ROWS_MAX_INNER``."""
+    limit = _config.CPU_ROWS_ELEMENTWISE_MAX_INNER
+    assert 1 < limit <= _config.CPU_ROWS_MAX_INNER
+    longer, shorter = np.zeros((12, 6, limit)), np.zeros((12, 6, limit - 1))
+    assert _cpu._row_views(longer, max_inner=limit) is None
+    assert _cpu._row_views(longer) is not None
+    assert _cpu._row_views(shorter, max_inner=limit) is not None
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("activation", [None, "relu"])
@@ -117,3 +129,16 @@ def test_large_mean_small_spread_in_short_runs():
     np.testing.assert_allclose(1 / invstd.astype(np.float64) ** 2 - 1e-5, v, rtol=1e-4)
     np.testing.assert_allclose(mean, m, rtol=1e-7)
     close(y, ref.forward_train(x, None, None, 1e-5, 1)[0], np.float32)
+
+
+@pytest.mark.parametrize("isplit", [1, 2, 3])
+def test_task_span(isplit):
+    """Elementwise task ``task`` covers part ``task % isplit`` of run
+    ``task // isplit`` (rows in memory order); the tasks of a run tile it."""
+    C, inner = 5, 7
+    covered = np.zeros((3, C, inner), int)
+    for task in range(3 * C * isplit):
+        o, c, i0, i1 = _cpu._task_span(task, isplit, C, inner)
+        assert (o, c) == divmod(task // isplit, C)
+        covered[o, c, i0:i1] += 1
+    assert (covered == 1).all()
