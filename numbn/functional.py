@@ -411,7 +411,7 @@ def _stand_ins(weight, bias, c, like):
 def _direct_infer(x, mean, var, weight, bias, eps, axis, backend, activation, out=None):
     """The eval forward by the direct path (:func:`_direct_view`): ``y``
     (``out`` when given, :func:`_direct_out`), or None to leave the call to
-    the general path. Takes ``weight`` and ``bias`` given."""
+    the general path. ``weight`` and ``bias`` may be None (:func:`_stand_ins`)."""
     x3 = _direct_view(x, axis, backend)
     relu = _direct_activation(activation)
     if x3 is None or relu is None:
@@ -427,7 +427,7 @@ def _direct_infer(x, mean, var, weight, bias, eps, axis, backend, activation, ou
 def _direct_train(x, weight, bias, eps, axis, backend, activation, *running, out=None):
     """The training forward by the direct path (:func:`_direct_view`):
     ``(y, mean, var_biased, count)``, or None to leave the call to the
-    general path. Takes ``weight`` and ``bias`` given, two or more values per
+    general path. Takes ``weight`` and ``bias`` (None: :func:`_stand_ins`), two or more values per
     channel, and an input the one-call kernel serves (``numbn._cpu.train_ready``);
     ``running``, the running statistics the caller will update, must be as
     the kernels take them too. ``y`` is ``out`` when given (:func:`_direct_out`)."""
@@ -626,7 +626,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
 def _direct_backward(dy, x, mean, invstd, weight, bias, training, axis, backend, activation):
     """:func:`batch_norm_backward` by the direct path (:func:`_direct_view`):
     ``(dx, dweight, dbias)``, or None to leave the call to the general path.
-    Takes ``dy`` of x's shape, dtype and layout, ``weight`` given, a bool
+    Takes ``dy`` of x's shape, dtype and layout, ``weight`` (None: :func:`_stand_ins`), a bool
     ``training`` (with two or more values per channel), and channels whose
     one-call kernel applies (``numbn._cpu.backward_ready``)."""
     x3 = _direct_view(x, axis, backend)
