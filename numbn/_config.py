@@ -79,6 +79,22 @@ CPU_ROWS_ELEMENTWISE_MAX_INNER = 32
 #: the eval with 14x14 maps took 1.23 (measured, interleaved). SyncBatchNorm
 #: judges what its ranks on this machine write together: they share the cache.
 CPU_STREAM_MIN_BYTES = 24 * 1024 * 1024
+#: The one-task-per-channel kernels (the fused training forward and backward
+#: of channel-major input) stream from this size already, when the channel's
+#: runs have at least ``CPU_SLAB_STREAM_MIN_RUN_BYTES``: a task writes its
+#: channel's runs far apart, and ordinary stores there cost a scattered read
+#: of each line as well. Full calls, float32, two threads, interleaved,
+#: streamed over ordinary time, forward / backward: (16, 256, 14, 14) 3.1
+#: MiB 0.72 / 0.75; (8, 64, 56, 56) 6.1 MiB 0.76 / 0.79; (64, 256, 14, 14)
+#: 12.2 MiB 0.74 / 0.94; (16, 64, 56, 56) 0.68 / 0.80; (64, 256, 11, 11)
+#: 0.80 / 0.87 (measured). Below 4 MiB the output is left in the cache for
+#: the next layer.
+CPU_SLAB_STREAM_MIN_BYTES = 4 * 1024 * 1024
+#: Shorter runs keep ordinary stores in those kernels: the partial lines at
+#: a run's ends are stored as usual, and in a short run they are much of it.
+#: Streamed, 7x7 maps (196-byte runs) took 1.25-1.47x the forward's time,
+#: 10x10 (400 bytes) 0.86-1.09x (measured).
+CPU_SLAB_STREAM_MIN_RUN_BYTES = 448
 #: Inputs with fewer elements run the serial twins of the kernels: starting
 #: the threads of a parallel region costs more than such an input's work.
 CPU_PARALLEL_MIN = 32768

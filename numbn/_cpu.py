@@ -52,7 +52,9 @@ Outputs of ``_config.CPU_STREAM_MIN_BYTES`` or more are written by the
 elementwise passes with non-temporal stores, a whole cache line at a time
 (:func:`_stream_line`, :func:`_stream_apply_line`; the rows kernels take a
 task's rows as one run of memory, :func:`_stream_row_line`): an ordinary
-store reads each line before writing it, a third of the pass's traffic.
+store reads each line before writing it, a third of the pass's traffic. The
+one-task-per-channel kernels, whose tasks write runs far apart, stream from
+``_config.CPU_SLAB_STREAM_MIN_BYTES`` already (:func:`_stream_slabs`).
 
 ``fastmath`` is limited to ``reassoc`` and ``contract``: reassociation lets
 LLVM vectorise the reductions (a different summation order, as accurate), and
@@ -2095,7 +2097,7 @@ def _ahead(x2) -> int:
     return max(1, _config.CPU_ROWS_STREAM_AHEAD_BYTES // max(1, x2.shape[1] * x2.itemsize))
 
 
-def _stream(y, *read, shared=0) -> bool:
+def _stream(y, *read, shared=0, least=None) -> bool:
     """Whether the kernels store ``y`` non-temporally (:func:`_stream_line`):
     when it, or ``shared`` (the bytes that the processes sharing this
     machine's last-level cache write in the same pass: SyncBatchNorm's ranks
@@ -2106,8 +2108,9 @@ def _stream(y, *read, shared=0) -> bool:
     (the rows kernels then stream them as one run, :func:`_stream_row_line`);
     and ``y`` is aligned to its item size (NumPy's ``flags.aligned``: an
     array at an odd byte offset into a buffer is not, and crashed), and the
-    arrays ``read`` have its item size (float32 dy with float16 x crashed)."""
-    if max(y.nbytes, shared) < _config.CPU_STREAM_MIN_BYTES:
+    arrays ``read`` have its item size (float32 dy with float16 x crashed).
+    ``least``: the size to stream from, if not ``_config.CPU_STREAM_MIN_BYTES``."""
+    if max(y.nbytes, shared) < (_config.CPU_STREAM_MIN_BYTES if least is None else least):
         return False
     if not y.flags.aligned:  # no whole element starts a line: the aligned stores would fault
         return False
@@ -2116,6 +2119,16 @@ def _stream(y, *read, shared=0) -> bool:
     if y.ndim == 2:
         return all(a.flags.c_contiguous for a in (y, *read))
     return all(a.strides[2] == a.itemsize for a in (y, *read))
+
+
+def _stream_slabs(y3, *read) -> bool:
+    """:func:`_stream` for the one-task-per-channel kernels (:func:`_train_fused`,
+    :func:`_backward_fused`): from ``_config.CPU_SLAB_STREAM_MIN_BYTES`` when
+    ``y3``'s runs have ``_config.CPU_SLAB_STREAM_MIN_RUN_BYTES`` or more."""
+    least = _config.CPU_STREAM_MIN_BYTES
+    if y3.shape[2] * y3.itemsize >= _config.CPU_SLAB_STREAM_MIN_RUN_BYTES:
+        least = min(least, _config.CPU_SLAB_STREAM_MIN_BYTES)
+    return _stream(y3, *read, least=least)
 
 
 def _block_rows(x2) -> int:
@@ -2380,7 +2393,8 @@ def train_ready(x3, w, b, eps, relu, y3):
             y2, mean, var, _ahead(x2), inner, _stream(y2, x2))
     else:
         _train_fused.on(x3.size)(x3, w, b, float(eps), relu, _config.CPU_BLOCK, _zero(x3),
-                                 np.empty((C, 4), _arith(x3)), y3, mean, var, _stream(y3, x3))
+                                 np.empty((C, 4), _arith(x3)), y3, mean, var,
+                                 _stream_slabs(y3, x3))
     return mean, var
 
 
@@ -2423,7 +2437,7 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
     else:
         _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _config.CPU_BLOCK,
                                     _zero(x3), np.empty((C, 5), _arith(x3)), np.empty(C), dx3,
-                                    db, dw, _stream(dx3, x3, dy3))
+                                    db, dw, _stream_slabs(dx3, x3, dy3))
     return dw, db
 
 

@@ -35,8 +35,10 @@ def _id(case):
 def _both(monkeypatch, call):
     """``call()`` with ordinary stores, then with every output streamed."""
     monkeypatch.setattr(_config, "CPU_STREAM_MIN_BYTES", 1 << 62)
+    monkeypatch.setattr(_config, "CPU_SLAB_STREAM_MIN_BYTES", 1 << 62)
     plain = call()
     monkeypatch.setattr(_config, "CPU_STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(_config, "CPU_SLAB_STREAM_MIN_BYTES", 0)
     return plain, call()
 
 
@@ -131,6 +133,54 @@ def test_streaming_threshold(monkeypatch):
     assert _cpu._stream(small, small, shared=4096)
     assert not _cpu._stream(small, small, shared=4095)
     assert not _cpu._stream(strided[:1], shared=4096)  # still whole vectors only
+
+
+def test_slab_streaming_threshold(monkeypatch):
+    """The one-task-per-channel kernels stream from a size of their own,
+    for runs long enough; shorter runs wait for the general threshold."""
+    monkeypatch.setattr(_config, "CPU_STREAM_MIN_BYTES", 1 << 62)
+    monkeypatch.setattr(_config, "CPU_SLAB_STREAM_MIN_BYTES", 4096)
+    monkeypatch.setattr(_config, "CPU_SLAB_STREAM_MIN_RUN_BYTES", 448)
+    long_runs = np.empty((2, 8, 112), np.float32)  # 448-byte runs, 7168 bytes
+    assert _cpu._stream_slabs(long_runs, long_runs)
+    assert not _cpu._stream_slabs(long_runs[:, :4], long_runs[:, :4])  # 3584 bytes
+    assert not _cpu._stream(long_runs, long_runs)  # the general threshold: not yet
+    short_runs = np.empty((2, 8, 111), np.float32)
+    assert not _cpu._stream_slabs(short_runs, short_runs)
+    strided = np.empty((2, 8, 224), np.float32)[:, :, ::2]
+    assert not _cpu._stream_slabs(long_runs, strided)  # still whole vectors only
+    monkeypatch.setattr(_config, "CPU_STREAM_MIN_BYTES", 4096)
+    assert _cpu._stream_slabs(short_runs, short_runs)  # as _stream from there
+
+
+@pytest.mark.parametrize("op", ["forward", "backward"])
+@pytest.mark.parametrize("inner, streamed", [(112, True), (111, False)])
+def test_fused_kernels_stream_from_slab_threshold(rng, monkeypatch, op, inner, streamed):
+    """The fused training forward and backward ask :func:`_cpu._stream_slabs`
+    and stream what it allows below the general threshold, with the
+    ordinary stores' results."""
+    x = make(rng, (6, 8, inner), np.float32)
+    dy = make(rng, x.shape, np.float32)
+    w, b = make(rng, 8, np.float32, 1.0, 0.5), make(rng, 8, np.float32)
+    _, mean, invstd = numbn.batch_norm_forward(x, w, b, backend="cpu")
+    monkeypatch.setattr(_config, "CPU_STREAM_MIN_BYTES", 1 << 62)
+    monkeypatch.setattr(_config, "CPU_SLAB_STREAM_MIN_RUN_BYTES", 448)
+    asked = []
+    judge = _cpu._stream_slabs
+    monkeypatch.setattr(_cpu, "_stream_slabs", lambda *a: asked.append(judge(*a)) or asked[-1])
+
+    def run():
+        if op == "forward":
+            return numbn.batch_norm_forward(x, w, b, backend="cpu")
+        return numbn.batch_norm_backward(dy, x, mean, invstd, w, backend="cpu")
+
+    monkeypatch.setattr(_config, "CPU_SLAB_STREAM_MIN_BYTES", 1 << 62)
+    plain = run()
+    monkeypatch.setattr(_config, "CPU_SLAB_STREAM_MIN_BYTES", 4096)
+    got = run()
+    assert asked == [False, streamed]
+    for p, g in zip(plain, got):
+        np.testing.assert_array_equal(g, p)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
