@@ -79,6 +79,16 @@ CPU_ROWS_ELEMENTWISE_MAX_INNER = 32
 #: the eval with 14x14 maps took 1.23 (measured, interleaved). SyncBatchNorm
 #: judges what its ranks on this machine write together: they share the cache.
 CPU_STREAM_MIN_BYTES = 24 * 1024 * 1024
+#: The rows kernels (channels-last and 2-D input, whose tasks each write one
+#: run of memory) stream from this size already. Full calls, float32, two
+#: threads, interleaved, streamed over ordinary time, forward / eval /
+#: backward, in two sittings (the second on a quieter machine): (16, 56, 56,
+#: 64) 12.2 MiB 0.82 / 0.74-0.77 / 0.82-0.85, then 0.85-0.93 / 0.81-0.90 /
+#: 0.77-0.81; (12288, 256) 12 MiB 0.97 / 0.92 / 0.89; (16384, 256) 16 MiB
+#: 0.84 / 0.66 / 0.78, then 0.89 / 0.75 / 0.79. At 8 MiB it went both ways:
+#: (8192, 256) 0.93 / 0.79 / 0.95, then 1.08-1.11 / 1.13-1.23 / 1.02-1.19;
+#: at 2-3 MiB the backward took up to 1.8x as long (measured).
+CPU_ROWS_STREAM_MIN_BYTES = 12 * 1024 * 1024
 #: The one-task-per-channel kernels (the fused training forward and backward
 #: of channel-major input) stream from this size already, when the channel's
 #: runs have at least ``CPU_SLAB_STREAM_MIN_RUN_BYTES``: a task writes its

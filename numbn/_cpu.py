@@ -54,7 +54,8 @@ elementwise passes with non-temporal stores, a whole cache line at a time
 task's rows as one run of memory, :func:`_stream_row_line`): an ordinary
 store reads each line before writing it, a third of the pass's traffic. The
 one-task-per-channel kernels, whose tasks write runs far apart, stream from
-``_config.CPU_SLAB_STREAM_MIN_BYTES`` already (:func:`_stream_slabs`).
+``_config.CPU_SLAB_STREAM_MIN_BYTES`` already (:func:`_stream_slabs`), the
+rows kernels from ``_config.CPU_ROWS_STREAM_MIN_BYTES``.
 
 ``fastmath`` is limited to ``reassoc`` and ``contract``: reassociation lets
 LLVM vectorise the reductions (a different summation order, as accurate), and
@@ -2109,8 +2110,13 @@ def _stream(y, *read, shared=0, least=None) -> bool:
     and ``y`` is aligned to its item size (NumPy's ``flags.aligned``: an
     array at an odd byte offset into a buffer is not, and crashed), and the
     arrays ``read`` have its item size (float32 dy with float16 x crashed).
-    ``least``: the size to stream from, if not ``_config.CPU_STREAM_MIN_BYTES``."""
-    if max(y.nbytes, shared) < (_config.CPU_STREAM_MIN_BYTES if least is None else least):
+    ``least``: the size to stream from, if not ``_config.CPU_STREAM_MIN_BYTES``;
+    a rows view streams from ``_config.CPU_ROWS_STREAM_MIN_BYTES`` when that
+    is less."""
+    least = _config.CPU_STREAM_MIN_BYTES if least is None else least
+    if y.ndim == 2:
+        least = min(least, _config.CPU_ROWS_STREAM_MIN_BYTES)
+    if max(y.nbytes, shared) < least:
         return False
     if not y.flags.aligned:  # no whole element starts a line: the aligned stores would fault
         return False

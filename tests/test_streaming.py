@@ -34,11 +34,12 @@ def _id(case):
 
 def _both(monkeypatch, call):
     """``call()`` with ordinary stores, then with every output streamed."""
-    monkeypatch.setattr(_config, "CPU_STREAM_MIN_BYTES", 1 << 62)
-    monkeypatch.setattr(_config, "CPU_SLAB_STREAM_MIN_BYTES", 1 << 62)
+    thresholds = ("CPU_STREAM_MIN_BYTES", "CPU_SLAB_STREAM_MIN_BYTES", "CPU_ROWS_STREAM_MIN_BYTES")
+    for name in thresholds:
+        monkeypatch.setattr(_config, name, 1 << 62)
     plain = call()
-    monkeypatch.setattr(_config, "CPU_STREAM_MIN_BYTES", 0)
-    monkeypatch.setattr(_config, "CPU_SLAB_STREAM_MIN_BYTES", 0)
+    for name in thresholds:
+        monkeypatch.setattr(_config, name, 0)
     return plain, call()
 
 
@@ -127,6 +128,12 @@ def test_streaming_threshold(monkeypatch):
     assert _cpu._stream(rows, rows[:, :])
     assert not _cpu._stream(np.empty((16, 128))[::2])  # rows apart
     assert not _cpu._stream(rows, np.empty((8, 256), np.float32)[:, ::2])
+    # A rows view streams from a size of its own when that is less.
+    monkeypatch.setattr(_config, "CPU_ROWS_STREAM_MIN_BYTES", 2048)
+    assert _cpu._stream(np.empty((4, 128), np.float32)) and not _cpu._stream(rows[:3])
+    assert not _cpu._stream(np.empty((2, 2, 128), np.float32))  # channel-major: 4096
+    monkeypatch.setattr(_config, "CPU_ROWS_STREAM_MIN_BYTES", 1 << 62)
+    assert _cpu._stream(rows)  # 4096 still
     # What processes sharing the cache write counts too (SyncBatchNorm's ranks).
     small = x3[:1]
     assert not _cpu._stream(small, small)

@@ -352,9 +352,9 @@ def test_stores_follow_the_machine_s_ranks(monkeypatch, axis, elsewhere):
     judged = []
     stream = _cpu._stream
 
-    def spy(y, *read, shared=0):
+    def spy(y, *read, shared=0, **least):
         judged.append(shared)
-        return stream(y, *read, shared=shared)
+        return stream(y, *read, shared=shared, **least)
 
     monkeypatch.setattr(_cpu, "_stream", spy)
     comm = Elsewhere(2) if elsewhere else Mirror(2)
