@@ -1994,14 +1994,20 @@ def _row_views(x3, *more, max_inner=None):
     outer, C, inner = x3.shape
     arrays = (x3, *more)
     if inner == 1:
-        if not all(dense_view(a) for a in arrays):
-            return None  # rows that are not dense (_dense): the channel-major kernels
+        # A loop, not all() over a generator: this runs on every call, and
+        # small calls are mostly such host work (benchmarks/call_overhead.py).
+        for a in arrays:
+            if not dense_view(a):
+                return None  # rows that are not dense (_dense): the channel-major kernels
         return [a[:, :, 0] for a in arrays]
     short = inner <= _config.CPU_ROWS_MAX_INNER and C * inner * inner <= _config.CPU_ROWS_MAX_WORK
     if max_inner is not None:
         short = short and inner < max_inner
-    if not short or not all(a.flags.c_contiguous for a in arrays):
+    if not short:
         return None
+    for a in arrays:
+        if not a.flags.c_contiguous:
+            return None
     return [a.reshape(outer, C * inner) for a in arrays]
 
 
@@ -2029,9 +2035,9 @@ def _threads() -> int:
 
 def _tasks(total_elements: int, cap: int) -> int:
     """How many tasks to split ``total_elements`` of work into (1..cap)."""
-    want = _threads() * _config.CPU_TASKS_PER_THREAD
-    by_size = max(1, total_elements // _config.CPU_MIN_TASK)
-    return int(max(1, min(want, by_size, cap)))
+    n = min(_threads() * _config.CPU_TASKS_PER_THREAD, total_elements // _config.CPU_MIN_TASK,
+            cap)
+    return int(n) if n > 1 else 1
 
 
 def _per_channel(x3) -> int:
