@@ -147,6 +147,29 @@ class MixedOrderBackward:
         return numbn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w)
 
 
+def _float32_calls(shape: str, axis: int = 1):
+    """The forward-train, eval and backward calls of ``numbn bench`` on a
+    float32 input of ``shape`` (``"(N, C, H, W)"``), checked against the
+    reference first; the smoke run (``NUMBN_ASV_SIZES``) takes a tenth of
+    the batch."""
+    dims = tuple(int(s) for s in shape.strip("()").split(","))
+    if os.environ.get("NUMBN_ASV_SIZES"):
+        dims = (max(2, dims[0] // 10),) + dims[1:]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(dims).astype(np.float32)
+    dy = rng.standard_normal(dims).astype(np.float32)
+    c = dims[axis]
+    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    y, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis)
+    check_forward(x, axis, y, "float32")
+    return {
+        "forward_train": lambda: numbn.batch_norm(x, rm, rv, w, b, True, axis=axis),
+        "eval": lambda: numbn.batch_norm(x, rm, rv, w, b, False, axis=axis),
+        "backward": lambda: numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
+    }
+
+
 class ShortRuns:
     """Channel-major input with small feature maps (ResNet's last stages),
     float32 on the CPU backend: the eval of 7x7 maps was 1.2-1.4x slower
@@ -158,22 +181,29 @@ class ShortRuns:
     param_names = ["op", "shape"]
 
     def setup(self, op, shape):
-        dims = tuple(int(s) for s in shape.strip("()").split(","))
-        if os.environ.get("NUMBN_ASV_SIZES"):  # the smoke run: a tenth of the batch
-            dims = (max(2, dims[0] // 10),) + dims[1:]
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal(dims).astype(np.float32)
-        dy = rng.standard_normal(dims).astype(np.float32)
-        c = dims[1]
-        w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
-        rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
-        y, mean, invstd = numbn.batch_norm_forward(x, w, b)
-        check_forward(x, 1, y, "float32")
-        self.call = {
-            "forward_train": lambda: numbn.batch_norm(x, rm, rv, w, b, True),
-            "eval": lambda: numbn.batch_norm(x, rm, rv, w, b, False),
-            "backward": lambda: numbn.batch_norm_backward(dy, x, mean, invstd, w),
-        }[op]
+        self.call = _float32_calls(shape)[op]
+        self.call()
+
+    def time_op(self, op, shape):
+        self.call()
+
+
+class CacheSizedOutputs:
+    """Outputs of 4-16 MiB, float32 on the CPU backend, where the kernels'
+    choice of non-temporal stores changed: the fused channel-major forward
+    and backward stream from ``_config.CPU_SLAB_STREAM_MIN_BYTES`` when the
+    runs are long enough, the rows kernels (channels last, 2-D) from
+    ``_config.CPU_ROWS_STREAM_MIN_BYTES``; the forward of (128, 128, 14, 14)
+    took 0.71 of the time with ordinary stores."""
+
+    params = (["forward_train", "eval", "backward"],
+              ["(24, 256, 14, 14)", "(128, 128, 14, 14)", "(16, 64, 56, 56)",
+               "(16, 56, 56, 64) last", "(12288, 256)"])
+    param_names = ["op", "shape"]
+
+    def setup(self, op, shape):
+        self.call = _float32_calls(shape.removesuffix(" last"),
+                                   -1 if shape.endswith(" last") else 1)[op]
         self.call()
 
     def time_op(self, op, shape):
