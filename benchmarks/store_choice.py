@@ -1,0 +1,98 @@
+"""Whether the kernels' choice of non-temporal stores pays, input by input.
+
+Run ``python benchmarks/store_choice.py [--rounds N] [SHAPE ...]``, a SHAPE
+being ``N,C,H,W`` (channel axis 1), ``N,H,W,C:last`` (channels last) or
+``N,C`` (2-D). For each input (float32) it times the training forward, the
+eval and the backward twice, with the thresholds of ``numbn._config`` as
+they are and with every output stored ordinarily (the three thresholds
+``CPU_STREAM_MIN_BYTES``, ``CPU_SLAB_STREAM_MIN_BYTES`` and
+``CPU_ROWS_STREAM_MIN_BYTES`` out of reach), all six calls taking their turn
+in a new random order each round, and prints the median milliseconds and
+the ratio, as chosen over ordinary. Both settings' results are compared
+first. The defaults are the inputs that the thresholds' docstrings quote.
+This machine's numbers move from one sitting to the next (its cache is
+shared): run it more than once before changing a threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numba
+import numpy as np
+
+import numbn
+from numbn import _config
+
+THRESHOLDS = ("CPU_STREAM_MIN_BYTES", "CPU_SLAB_STREAM_MIN_BYTES", "CPU_ROWS_STREAM_MIN_BYTES")
+DEFAULT = ["64,256,14,14", "128,128,14,14", "16,64,56,56", "32,256,14,14", "64,512,7,7",
+           "16,56,56,64:last", "12288,256", "8192,256"]
+
+
+def _ordinary(f):
+    """``f`` run with every output stored ordinarily."""
+    def run():
+        kept = {name: getattr(_config, name) for name in THRESHOLDS}
+        for name in THRESHOLDS:
+            setattr(_config, name, 1 << 62)
+        try:
+            return f()
+        finally:
+            for name, value in kept.items():
+                setattr(_config, name, value)
+    return run
+
+
+def _calls(spec: str):
+    dims, _, kind = spec.partition(":")
+    shape = tuple(int(s) for s in dims.split(","))
+    axis = -1 if kind == "last" else 1
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    c = shape[axis]
+    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    _, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis)
+    return shape, {
+        "forward": lambda: numbn.batch_norm_forward(x, w, b, axis=axis),
+        "eval": lambda: numbn.batch_norm(x, rm, rv, w, b, False, axis=axis),
+        "backward": lambda: numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("shapes", nargs="*", default=DEFAULT)
+    args = p.parse_args(argv)
+    print(f"numbn {numbn.__version__}, {numba.get_num_threads()} threads, float32, median ms "
+          f"of {args.rounds} interleaved rounds; ratio: as chosen / all ordinary stores")
+    print(f"{'input':<20} {'MiB':>6} " + " ".join(f"{op:>22}" for op in ("forward", "eval",
+                                                                          "backward")))
+    order = np.random.default_rng(1)
+    for spec in args.shapes:
+        shape, calls = _calls(spec)
+        funcs = []
+        for op, f in calls.items():
+            got, want = f(), _ordinary(f)()
+            for g, e in zip(*((r,) if isinstance(r, np.ndarray) else r for r in (got, want))):
+                np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
+            funcs += [(op, "chosen", f), (op, "ordinary", _ordinary(f))]
+        times = {(op, how): [] for op, how, _ in funcs}
+        for _ in range(args.rounds):
+            for j in order.permutation(len(funcs)):
+                op, how, f = funcs[j]
+                t0 = time.perf_counter()
+                f()
+                times[(op, how)].append(time.perf_counter() - t0)
+        ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+        cells = [f"{ms[(op, 'chosen')]:6.3f} / {ms[(op, 'ordinary')]:6.3f} "
+                 f"{ms[(op, 'chosen')] / ms[(op, 'ordinary')]:5.2f}" for op in calls]
+        print(f"{spec:<20} {np.prod(shape) * 4 / 2**20:6.1f} " + " ".join(f"{c:>22}"
+                                                                        for c in cells))
+
+
+if __name__ == "__main__":
+    main()
