@@ -9,7 +9,7 @@ import numba
 import numpy as np
 
 import numbn
-from numbn._bench import _parallel_copy, median_seconds
+from numbn._bench import _numbn_calls, _parallel_copy, median_seconds
 
 from ._common import BACKENDS, DTYPES, LAYOUTS, SIZES, check_forward, make_input, require
 
@@ -148,26 +148,19 @@ class MixedOrderBackward:
 
 
 def _float32_calls(shape: str, axis: int = 1):
-    """The forward-train, eval and backward calls of ``numbn bench`` on a
-    float32 input of ``shape`` (``"(N, C, H, W)"``), checked against the
-    reference first; the smoke run (``NUMBN_ASV_SIZES``) takes a tenth of
-    the batch."""
+    """The forward-train, eval and backward calls of ``numbn bench``
+    (``numbn._bench._numbn_calls``) on a float32 input of ``shape``
+    (``"(N, C, H, W)"``), checked against the reference first; the smoke run
+    (``NUMBN_ASV_SIZES``) takes a tenth of the batch."""
     dims = tuple(int(s) for s in shape.strip("()").split(","))
     if os.environ.get("NUMBN_ASV_SIZES"):
         dims = (max(2, dims[0] // 10),) + dims[1:]
     rng = np.random.default_rng(0)
     x = rng.standard_normal(dims).astype(np.float32)
-    dy = rng.standard_normal(dims).astype(np.float32)
-    c = dims[axis]
-    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
-    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
-    y, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis)
-    check_forward(x, axis, y, "float32")
-    return {
-        "forward_train": lambda: numbn.batch_norm(x, rm, rv, w, b, True, axis=axis),
-        "eval": lambda: numbn.batch_norm(x, rm, rv, w, b, False, axis=axis),
-        "backward": lambda: numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
-    }
+    check_forward(x, axis, numbn.batch_norm_forward(x, axis=axis)[0], "float32")
+    calls = _numbn_calls(x, axis, "cpu", rng)
+    return {"forward_train": calls["forward"], "eval": calls["eval"],
+            "backward": calls["backward"]}
 
 
 class ShortRuns:

@@ -12,22 +12,15 @@ import argparse
 
 import numpy as np
 
-import numbn
-from numbn._bench import median_seconds
+from numbn._bench import _numbn_calls, median_seconds
 
 
 def measure(shape, axis, repeat):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
-    c = shape[axis]
-    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
-    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
-    _, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis)
-    t_fwd = median_seconds(lambda: numbn.batch_norm(x, rm, rv, w, b, True, axis=axis), repeat)
-    t_eval = median_seconds(lambda: numbn.batch_norm(x, rm, rv, w, b, False, axis=axis), repeat)
-    t_bwd = median_seconds(lambda: numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
-                    repeat)
+    calls = _numbn_calls(x, axis, "cpu", rng)  # numbn bench's calls
+    t_fwd, t_eval, t_bwd = (median_seconds(calls[op], repeat)
+                            for op in ("forward", "eval", "backward"))
     return t_fwd, t_eval, t_bwd, x.nbytes
 
 

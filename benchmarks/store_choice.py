@@ -24,6 +24,7 @@ import numpy as np
 
 import numbn
 from numbn import _config
+from numbn._bench import _numbn_calls
 
 THRESHOLDS = ("CPU_STREAM_MIN_BYTES", "CPU_SLAB_STREAM_MIN_BYTES", "CPU_ROWS_STREAM_MIN_BYTES")
 DEFAULT = ["64,256,14,14", "128,128,14,14", "16,64,56,56", "32,256,14,14", "64,512,7,7",
@@ -45,21 +46,13 @@ def _ordinary(f):
 
 
 def _calls(spec: str):
+    """The shape of ``spec`` and ``numbn bench``'s calls on a float32 input
+    of it (``numbn._bench._numbn_calls``)."""
     dims, _, kind = spec.partition(":")
     shape = tuple(int(s) for s in dims.split(","))
-    axis = -1 if kind == "last" else 1
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
-    c = shape[axis]
-    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
-    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
-    _, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis)
-    return shape, {
-        "forward": lambda: numbn.batch_norm_forward(x, w, b, axis=axis),
-        "eval": lambda: numbn.batch_norm(x, rm, rv, w, b, False, axis=axis),
-        "backward": lambda: numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
-    }
+    return shape, _numbn_calls(x, -1 if kind == "last" else 1, "cpu", rng)
 
 
 def main(argv=None):
