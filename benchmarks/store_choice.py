@@ -45,6 +45,11 @@ def _ordinary(f):
     return run
 
 
+def _arrays(result):
+    """A call's result as a tuple of arrays (``batch_norm`` returns one)."""
+    return (result,) if isinstance(result, np.ndarray) else result
+
+
 def _calls(spec: str):
     """The shape of ``spec`` and ``numbn bench``'s calls on a float32 input
     of it (``numbn._bench._numbn_calls``)."""
@@ -69,10 +74,10 @@ def main(argv=None):
         shape, calls = _calls(spec)
         funcs = []
         for op, f in calls.items():
-            got, want = f(), _ordinary(f)()
-            for g, e in zip(*((r,) if isinstance(r, np.ndarray) else r for r in (got, want))):
+            ordinary = _ordinary(f)
+            for g, e in zip(_arrays(f()), _arrays(ordinary())):
                 np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
-            funcs += [(op, "chosen", f), (op, "ordinary", _ordinary(f))]
+            funcs += [(op, "chosen", f), (op, "ordinary", ordinary)]
         times = {(op, how): [] for op, how, _ in funcs}
         for _ in range(args.rounds):
             for j in order.permutation(len(funcs)):
