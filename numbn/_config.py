@@ -39,6 +39,26 @@ CPU_ROWS_STREAM_AHEAD_BYTES = 8192
 #: of (16, 32, 112, 112): 1.78 ms against 2.27; of (32, 32, 112, 112): 8.97
 #: against 11.06), and 4 MiB was no better.
 CPU_FUSED_MAX_SLAB_BYTES = 2 * 1024 * 1024
+#: The fused backward (one task per channel) of channel-major input whose
+#: runs are this many bytes long (from, below) takes the two-pass kernels
+#: instead when x and dy together exceed ``CPU_CACHE_BYTES``: it reads x
+#: and dy and writes dx in runs of a few cache lines, a channel's stride
+#: apart, with ordinary stores (``CPU_SLAB_STREAM_MIN_RUN_BYTES``), and past
+#: the cache that scattered walk cost more than two passes in memory order,
+#: which read x and dy twice. Full calls, two threads, interleaved with
+#: PyTorch and a copy, two-pass over fused time, float32: (96, 512, 7, 7)
+#: 9.2 MiB 0.82-0.88, (128, 512, 7, 7) 0.74-0.85, (256, 512, 7, 7)
+#: 0.76-0.88, (64, 512, 8, 8) 0.67-0.92, (96, 512, 8, 8) 0.57-0.64,
+#: (64, 512, 10, 10) 0.66-0.80, (128, 1024, 6, 6) 0.66-0.73; float64
+#: (64, 512, 7, 7) 0.77-0.83; float16 (96, 512, 10, 10) 0.82-0.87. At
+#: about 6 MiB 0.94-1.25, so the fused kernel stays there. Shorter runs
+#: gained nothing or lost: float32 5x5 (100 bytes) 0.97-1.04 at 18.8 MiB,
+#: float16 7x7 (98 bytes) 1.13-1.27 at 12-18 MiB. With 14x14 float32 maps
+#: (784 bytes, dx streamed) the two were even at 12.2 MiB, 0.90-0.98 at
+#: 18.4. The forward, which writes one array, gained from two passes only
+#: at 16-19 MiB with 8x8 and 10x10 maps and lost at 9-12 MiB and with 7x7
+#: maps (measured), so it keeps the fused kernel.
+CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES = (128, 448)
 
 #: Bytes of input that count as cache-resident: the rows kernels (channels-last
 #: input, and short runs) prefetch rows ahead above this (x and dy together),

@@ -2370,6 +2370,14 @@ def _fusable(x3) -> bool:
             and slab <= _config.CPU_FUSED_MAX_SLAB_BYTES and x3.flags.c_contiguous)
 
 
+def _scattered_backward(x3) -> bool:
+    """Whether the fused backward would walk runs of
+    ``_config.CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES`` with x and dy together
+    beyond ``_config.CPU_CACHE_BYTES``, where the two-pass kernels are faster."""
+    lo, hi = _config.CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES
+    return lo <= x3.shape[2] * x3.itemsize < hi and 2 * x3.nbytes > _config.CPU_CACHE_BYTES
+
+
 def train_fused(x3, w, b, eps, relu, y3):
     """Training forward in one kernel call: ``(mean, var)``, or None when this
     input is better served by :func:`stats` then :func:`normalize`. ``w`` and
@@ -2418,8 +2426,9 @@ def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
     vectors, all of any float dtype (:func:`_kernel_vectors`): the
     coefficients are computed in the kernel. Channels-last input takes the
     rows kernel, channel-major input with cache-sized channel slabs one task
-    per channel (as :func:`train_fused`). float16 is viewed as its bits by
-    :func:`backward_ready`."""
+    per channel (as :func:`train_fused`), unless its runs are short and x
+    and dy exceed the cache (:func:`_scattered_backward`). float16 is viewed
+    as its bits by :func:`backward_ready`."""
     if dx3.dtype != x3.dtype or x3.size == 0:
         return None
     mean, inv, w, b = _kernel_vectors(mean, inv, *_affine(w, b, x3.shape[1], mean))
@@ -2434,7 +2443,8 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
     dy3, x3, dx3 = _bits(dy3), _bits(x3), _bits(dx3)
     outer, C, inner = x3.shape
     views = _row_views(x3, dy3, dx3)
-    if views is None and (not _fusable(x3) or not dy3.flags.c_contiguous):
+    if views is None and (not _fusable(x3) or not dy3.flags.c_contiguous
+                          or _scattered_backward(x3)):
         return None
     dw, db = np.empty(C), np.empty(C)
     if views is not None:

@@ -142,3 +142,50 @@ def test_task_span(isplit):
         assert (o, c) == divmod(task // isplit, C)
         covered[o, c, i0:i1] += 1
     assert (covered == 1).all()
+
+
+def _backward_ready(x3):
+    c = x3.shape[1]
+    v = np.ones(c, np.float32)
+    return _cpu.backward_ready(np.ones_like(x3), x3, v, v, v, v, False, True,
+                               np.empty_like(x3))
+
+
+def test_fused_backward_leaves_scattered_runs_past_the_cache(monkeypatch):
+    """The fused backward declines channel-major input whose runs fall in
+    ``CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES`` once x and dy together exceed
+    ``CPU_CACHE_BYTES`` (the two-pass kernels take it); shorter and longer
+    runs, and inputs within the cache, stay fused."""
+    monkeypatch.setattr(_config, "CPU_ROWS_MAX_INNER", 0)  # channel-major
+    lo, hi = _config.CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES
+    band = np.zeros((8, 4, lo // 4), np.float32)
+    assert _backward_ready(band) is not None  # within the cache
+    monkeypatch.setattr(_config, "CPU_CACHE_BYTES", 2 * band.nbytes)
+    assert _backward_ready(band) is not None  # x and dy exactly fill it
+    monkeypatch.setattr(_config, "CPU_CACHE_BYTES", 2 * band.nbytes - 1)
+    assert _backward_ready(band) is None
+    monkeypatch.setattr(_config, "CPU_CACHE_BYTES", 0)
+    for inner, dtype, fused in ((hi // 4 - 1, np.float32, False), (hi // 4, np.float32, True),
+                                (lo // 8, np.float64, False), (lo // 8 - 1, np.float64, True),
+                                (lo // 2 - 1, np.float16, True)):
+        x3 = np.zeros((8, 4, inner), dtype)
+        assert (_backward_ready(x3) is not None) == fused, (inner, dtype)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_of_scattered_runs_past_the_cache(rng, monkeypatch, training):
+    """Such an input's backward through the two-pass kernels is the
+    reference's, and the fused kernel's within the cache."""
+    monkeypatch.setattr(_config, "CPU_ROWS_MAX_INNER", 0)
+    x, w, b, dy = _inputs(rng, (12, 6, 7, 7), np.float32)
+    _, mean, invstd = numbn.batch_norm_forward(x, w, b, backend="cpu")
+    fused = numbn.batch_norm_backward(dy, x, mean, invstd, w, training=training, backend="cpu")
+    monkeypatch.setattr(_config, "CPU_CACHE_BYTES", 0)
+    assert _backward_ready(x.reshape(12, 6, 49)) is None
+    two_pass = numbn.batch_norm_backward(dy, x, mean, invstd, w, training=training,
+                                         backend="cpu")
+    want = ref.backward(dy, x, mean, invstd, w, training, 1)
+    for got, other, exp, name in zip(two_pass, fused, want, ("dx", "dweight", "dbias")):
+        scale = 2.0 if name == "dx" else np.sqrt(x.size / 6)
+        close(got, exp, np.float32, scale=scale, err=name)
+        close(got, other, np.float32, scale=scale, err=name + " against the fused kernel")
