@@ -9,7 +9,7 @@ import numba
 import numpy as np
 
 import numbn
-from numbn._bench import _numbn_calls, _parallel_copy, median_seconds
+from numbn._bench import MEMORY_ORDERS, _numbn_calls, _parallel_copy, median_seconds
 
 from ._common import BACKENDS, DTYPES, LAYOUTS, SIZES, check_forward, make_input, require
 
@@ -113,14 +113,6 @@ class CopyBandwidth:
 
 #: Memory orders of an NCHW array: C, F, and PyTorch's channels_last (NHWC
 #: memory behind NCHW axes).
-_ORDERS = {
-    "C": np.ascontiguousarray,
-    "F": np.asfortranarray,
-    "channels_last": lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3,
-                                                                                       1, 2),
-}
-
-
 class MixedOrderBackward:
     """The CPU backward, float32, with ``dy`` in another memory order than
     ``x``'s: ``dy`` is copied into x's order first (``numbn._cpu.copy_into``).
@@ -135,7 +127,7 @@ class MixedOrderBackward:
         x = make_input(size, "NCHW", "float32")[0]
         dy = make_input(size, "NCHW", "float32", seed=1)[0]
         x_order, dy_order = orders.split("/")
-        self.x, self.dy = _ORDERS[x_order](x), _ORDERS[dy_order](dy)
+        self.x, self.dy = MEMORY_ORDERS[x_order](x), MEMORY_ORDERS[dy_order](dy)
         self.w = np.ones(x.shape[1], np.float32)
         _, self.mean, self.invstd = numbn.batch_norm_forward(self.x, self.w)
         got = self.time_backward(orders, size)

@@ -22,13 +22,9 @@ import numpy as np
 import numbn
 from numbn import _bench
 
-ORDERS = {
-    "C": np.ascontiguousarray,
-    "F": np.asfortranarray,
-    "last": lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
-}
-PAIRS = [("C", "C"), ("F", "F"), ("last", "last"), ("F", "C"), ("C", "F"), ("last", "C"),
-         ("C", "last")]
+ORDERS = _bench.MEMORY_ORDERS
+LAST = "channels_last"
+PAIRS = [("C", "C"), ("F", "F"), (LAST, LAST), ("F", "C"), ("C", "F"), (LAST, "C"), ("C", LAST)]
 
 
 def main(argv=None):
@@ -60,10 +56,10 @@ def main(argv=None):
     ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
     print(f"numbn {numbn.__version__}, {numba.get_num_threads()} threads, backward of "
           f"{shape} float32, median ms of {rounds} interleaved rounds")
-    print(f"{'x':<6} {'dy':<6} {'ms':>8} {'vs C,C':>8} {'NumPy copy of dy':>17}")
+    print(f"{'x':<13} {'dy':<13} {'ms':>8} {'vs C,C':>8} {'NumPy copy of dy':>17}")
     for xo, do in PAIRS:
         copy = f"{ms[('copy', xo, do)]:17.2f}" if xo != do else f"{'':>17}"
-        print(f"{xo:<6} {do:<6} {ms[(xo, do)]:8.2f} {ms[(xo, do)] / ms[('C', 'C')]:7.2f}x"
+        print(f"{xo:<13} {do:<13} {ms[(xo, do)]:8.2f} {ms[(xo, do)] / ms[('C', 'C')]:7.2f}x"
               f" {copy}")
 
 

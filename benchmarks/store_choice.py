@@ -26,7 +26,6 @@ import numbn
 from numbn import _config
 from numbn._bench import _numbn_calls
 
-THRESHOLDS = ("CPU_STREAM_MIN_BYTES", "CPU_SLAB_STREAM_MIN_BYTES", "CPU_ROWS_STREAM_MIN_BYTES")
 DEFAULT = ["64,256,14,14", "128,128,14,14", "16,64,56,56", "32,256,14,14", "64,512,7,7",
            "16,56,56,64:last", "12288,256", "8192,256"]
 
@@ -34,8 +33,8 @@ DEFAULT = ["64,256,14,14", "128,128,14,14", "16,64,56,56", "32,256,14,14", "64,5
 def _ordinary(f):
     """``f`` run with every output stored ordinarily."""
     def run():
-        kept = {name: getattr(_config, name) for name in THRESHOLDS}
-        for name in THRESHOLDS:
+        kept = {name: getattr(_config, name) for name in _config.STORE_THRESHOLDS}
+        for name in _config.STORE_THRESHOLDS:
             setattr(_config, name, 1 << 62)
         try:
             return f()

@@ -37,6 +37,16 @@ STANDARD = [
 QUICK = [(k, (max(2, s[0] // 4),) + s[1:], a) for k, s, a in STANDARD]
 
 OPS = ("forward", "eval", "backward")
+
+#: Memory orders of a 4-D NCHW array by name, each a function that returns
+#: the array's values laid out so: C order, Fortran order, and PyTorch's
+#: ``channels_last`` (NHWC memory behind NCHW axes). The mixed-order
+#: benchmarks and tests draw their orders from here.
+MEMORY_ORDERS = {
+    "C": np.ascontiguousarray,
+    "F": np.asfortranarray,
+    "channels_last": lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+}
 _BYTES_FACTOR = {"forward": 2, "eval": 2, "backward": 3}
 
 

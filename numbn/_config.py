@@ -49,7 +49,8 @@ CPU_FUSED_MAX_SLAB_BYTES = 2 * 1024 * 1024
 #: PyTorch and a copy, two-pass over fused time, float32: (96, 512, 7, 7)
 #: 9.2 MiB 0.82-0.88, (128, 512, 7, 7) 0.74-0.85, (256, 512, 7, 7)
 #: 0.76-0.88, (64, 512, 8, 8) 0.67-0.92, (96, 512, 8, 8) 0.57-0.64,
-#: (64, 512, 10, 10) 0.66-0.80, (128, 1024, 6, 6) 0.66-0.73; float64
+#: (64, 512, 10, 10) 0.66-0.80, (128, 1024, 6, 6) 0.66-0.73, (1024, 64,
+#: 8, 8) 0.54-0.57, (32, 2048, 8, 8) 0.79-0.86; float64
 #: (64, 512, 7, 7) 0.77-0.83; float16 (96, 512, 10, 10) 0.82-0.87. At
 #: about 6 MiB 0.94-1.25, so the fused kernel stays there. Shorter runs
 #: gained nothing or lost: float32 5x5 (100 bytes) 0.97-1.04 at 18.8 MiB,
@@ -125,6 +126,11 @@ CPU_SLAB_STREAM_MIN_BYTES = 4 * 1024 * 1024
 #: Streamed, 7x7 maps (196-byte runs) took 1.25-1.47x the forward's time,
 #: 10x10 (400 bytes) 0.86-1.09x (measured).
 CPU_SLAB_STREAM_MIN_RUN_BYTES = 448
+#: The names of the size thresholds above, from which outputs are streamed:
+#: set all three past any size and every output is stored ordinarily
+#: (``benchmarks/store_choice.py``, the streaming tests).
+STORE_THRESHOLDS = ("CPU_STREAM_MIN_BYTES", "CPU_SLAB_STREAM_MIN_BYTES",
+                    "CPU_ROWS_STREAM_MIN_BYTES")
 #: Inputs with fewer elements run the serial twins of the kernels: starting
 #: the threads of a parallel region costs more than such an input's work.
 CPU_PARALLEL_MIN = 32768

@@ -11,6 +11,7 @@ from conftest import make
 
 import numbn
 from numbn import _config, _cpu
+from numbn._bench import MEMORY_ORDERS
 
 
 @pytest.fixture
@@ -65,19 +66,15 @@ def test_copy_into_other_dtypes_and_orders_take_assignment(tiled):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("x_order,dy_order", [
-    ("F", "C"), ("C", "F"), ("last", "C"), ("C", "last"), ("C", "reversed")])
+    ("F", "C"), ("C", "F"), ("channels_last", "C"), ("C", "channels_last"), ("C", "reversed")])
 def test_backward_with_dy_in_another_order(x_order, dy_order, dtype, tiled, cpu_path):
     """The backward of a ``dy`` in another memory order than x's: bit for
     bit that of the same ``dy`` in x's order, through the tiled copy."""
     rng = np.random.default_rng(5)
     shape = (6, 5, 7, 8)
     x, dy = make(rng, shape, dtype), make(rng, shape, dtype, 0.0, 1.0)
-    orders = {
-        "C": np.ascontiguousarray,
-        "F": np.asfortranarray,
-        "last": lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
-        "reversed": lambda a: np.ascontiguousarray(a[::-1, :, ::-1])[::-1, :, ::-1],
-    }
+    orders = {**MEMORY_ORDERS,
+              "reversed": lambda a: np.ascontiguousarray(a[::-1, :, ::-1])[::-1, :, ::-1]}
     xs = orders[x_order](x)
     w = make(rng, 5, np.float32, 1.0, 0.5)
     _, mean, invstd = numbn.batch_norm_forward(xs, w)
@@ -96,20 +93,17 @@ def test_backward_with_dy_in_another_order(x_order, dy_order, dtype, tiled, cpu_
                                rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("x_order,out_order", [("last", "C"), ("F", "C"), ("C", "F")])
+@pytest.mark.parametrize("x_order,out_order", [("channels_last", "C"), ("F", "C"), ("C", "F")])
 def test_out_in_another_order(x_order, out_order, tiled):
     """``out=`` in another memory order than x's receives the result through
     the copy (tiled into a C-ordered ``out``), the same values as without it."""
     rng = np.random.default_rng(6)
     x = make(rng, (6, 5, 7, 8), np.float32)
-    orders = {"C": np.ascontiguousarray, "F": np.asfortranarray,
-              "last": lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1,
-                                                                                         2)}
-    xs = orders[x_order](x)
+    xs = MEMORY_ORDERS[x_order](x)
     rm, rv = np.zeros(5, np.float32), np.ones(5, np.float32)
     for training in (True, False):
         want = numbn.batch_norm(xs, rm.copy(), rv.copy(), training=training)
-        out = orders[out_order](np.full(x.shape, np.nan, np.float32))
+        out = MEMORY_ORDERS[out_order](np.full(x.shape, np.nan, np.float32))
         before = len(tiled)
         got = numbn.batch_norm(xs, rm.copy(), rv.copy(), training=training, out=out)
         assert got is out

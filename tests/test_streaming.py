@@ -34,7 +34,7 @@ def _id(case):
 
 def _both(monkeypatch, call):
     """``call()`` with ordinary stores, then with every output streamed."""
-    thresholds = ("CPU_STREAM_MIN_BYTES", "CPU_SLAB_STREAM_MIN_BYTES", "CPU_ROWS_STREAM_MIN_BYTES")
+    thresholds = _config.STORE_THRESHOLDS
     for name in thresholds:
         monkeypatch.setattr(_config, name, 1 << 62)
     plain = call()
