@@ -40,26 +40,38 @@ CPU_ROWS_STREAM_AHEAD_BYTES = 8192
 #: against 11.06), and 4 MiB was no better.
 CPU_FUSED_MAX_SLAB_BYTES = 2 * 1024 * 1024
 #: The fused backward (one task per channel) of channel-major input whose
-#: runs are this many bytes long (from, below) takes the two-pass kernels
-#: instead when x and dy together exceed ``CPU_CACHE_BYTES``: it reads x
-#: and dy and writes dx in runs of a few cache lines, a channel's stride
-#: apart, with ordinary stores (``CPU_SLAB_STREAM_MIN_RUN_BYTES``), and past
-#: the cache that scattered walk cost more than two passes in memory order,
-#: which read x and dy twice. Full calls, two threads, interleaved with
-#: PyTorch and a copy, two-pass over fused time, float32: (96, 512, 7, 7)
-#: 9.2 MiB 0.82-0.88, (128, 512, 7, 7) 0.74-0.85, (256, 512, 7, 7)
-#: 0.76-0.88, (64, 512, 8, 8) 0.67-0.92, (96, 512, 8, 8) 0.57-0.64,
-#: (64, 512, 10, 10) 0.66-0.80, (128, 1024, 6, 6) 0.66-0.73, (1024, 64,
-#: 8, 8) 0.54-0.57, (32, 2048, 8, 8) 0.79-0.86; float64
-#: (64, 512, 7, 7) 0.77-0.83; float16 (96, 512, 10, 10) 0.82-0.87. At
-#: about 6 MiB 0.94-1.25, so the fused kernel stays there. Shorter runs
-#: gained nothing or lost: float32 5x5 (100 bytes) 0.97-1.04 at 18.8 MiB,
-#: float16 7x7 (98 bytes) 1.13-1.27 at 12-18 MiB. With 14x14 float32 maps
-#: (784 bytes, dx streamed) the two were even at 12.2 MiB, 0.90-0.98 at
-#: 18.4. The forward, which writes one array, gained from two passes only
-#: at 16-19 MiB with 8x8 and 10x10 maps and lost at 9-12 MiB and with 7x7
-#: maps (measured), so it keeps the fused kernel.
-CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES = (128, 448)
+#: runs are this many bytes long (from, below), more than
+#: ``CPU_FUSED_BACKWARD_MAX_RUNS`` of them (N * C), takes the two-pass
+#: kernels instead when x and dy together exceed ``CPU_CACHE_BYTES``: it
+#: reads x and dy and writes dx in runs of a few cache lines, a channel's
+#: stride apart, and past the cache that scattered walk cost more than two
+#: passes in memory order, which read x and dy twice. Full calls, two
+#: threads, interleaved with PyTorch and a copy, two-pass over fused time,
+#: float32, by map and size of x:
+#:
+#: - 7x7 (196-byte runs), C=512: 9.2 MiB 0.82-0.88, 12.2 MiB 0.74-0.85,
+#:   24.5 MiB 0.76-0.88; 8x8: (96, 512) 0.57-0.64, (1024, 64) 0.54-0.57,
+#:   (32, 2048) 0.79-0.86; 10x10, C=512: 12.5 MiB 0.66-0.80; 6x6, C=1024,
+#:   18 MiB: 0.66-0.73. At about 6 MiB (cached) 0.94-1.25: fused.
+#: - C=256, 9 / 12 / 16 / 20 / 24.5 MiB: 12x12 0.78-0.88 / 0.66-0.83 /
+#:   0.72-0.78 / 0.69-0.75 / 0.60-0.69; 14x14 1.08-1.13 / 0.89-0.93 /
+#:   0.79-0.89 / 0.83-0.89 / 0.81-0.83; 16x16 1.18-1.22 / 1.05-1.15 /
+#:   0.89-1.01 / 0.91-0.93 / 0.80-0.87; 18x18 1.24-1.34 / 1.10-1.18 /
+#:   1.12-1.14 / 1.10-1.19 / 0.84-0.89. Longer runs pay off later, about
+#:   where N * C passes 16384; from 16x16 (1024 bytes) only at 20-24.5 MiB
+#:   and not in every sitting (16x16 at 20 MiB, new over old calls:
+#:   1.05-1.09), so they keep the fused kernel, as do 20x20 and 28x28
+#:   (two passes 1.07-1.59 at 12.5-24.5 MiB).
+#: - float64 (64, 512, 7, 7) 0.77-0.83; float16 (96, 512, 10, 10)
+#:   0.82-0.87, but float16 7x7 (98-byte runs) 1.13-1.27 at 12-18 MiB, and
+#:   float32 5x5 (100 bytes) 0.97-1.04 at 18.8 MiB: the lower bound.
+#:
+#: The forward, which writes one array, gained from two passes at 12-32
+#: MiB with 8x8 to 11x11 maps (0.61-0.94) but lost with 7x7 maps at 9-12
+#: MiB and with (64, 2048, 8, 8) at 32 MiB (1.35-1.47), so it keeps the
+#: fused kernel (measured).
+CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES = (128, 1024)
+CPU_FUSED_BACKWARD_MAX_RUNS = 16384
 
 #: Bytes of input that count as cache-resident: the rows kernels (channels-last
 #: input, and short runs) prefetch rows ahead above this (x and dy together),

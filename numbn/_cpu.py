@@ -2371,11 +2371,14 @@ def _fusable(x3) -> bool:
 
 
 def _scattered_backward(x3) -> bool:
-    """Whether the fused backward would walk runs of
+    """Whether the fused backward would walk more than
+    ``_config.CPU_FUSED_BACKWARD_MAX_RUNS`` runs of
     ``_config.CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES`` with x and dy together
     beyond ``_config.CPU_CACHE_BYTES``, where the two-pass kernels are faster."""
+    outer, C, inner = x3.shape
     lo, hi = _config.CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES
-    return lo <= x3.shape[2] * x3.itemsize < hi and 2 * x3.nbytes > _config.CPU_CACHE_BYTES
+    return (lo <= inner * x3.itemsize < hi and outer * C > _config.CPU_FUSED_BACKWARD_MAX_RUNS
+            and 2 * x3.nbytes > _config.CPU_CACHE_BYTES)
 
 
 def train_fused(x3, w, b, eps, relu, y3):

@@ -153,17 +153,22 @@ def _backward_ready(x3):
 
 def test_fused_backward_leaves_scattered_runs_past_the_cache(monkeypatch):
     """The fused backward declines channel-major input whose runs fall in
-    ``CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES`` once x and dy together exceed
+    ``CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES``, more than
+    ``CPU_FUSED_BACKWARD_MAX_RUNS`` of them, once x and dy together exceed
     ``CPU_CACHE_BYTES`` (the two-pass kernels take it); shorter and longer
-    runs, and inputs within the cache, stay fused."""
+    runs, fewer runs, and inputs within the cache stay fused."""
     monkeypatch.setattr(_config, "CPU_ROWS_MAX_INNER", 0)  # channel-major
     lo, hi = _config.CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES
-    band = np.zeros((8, 4, lo // 4), np.float32)
+    band = np.zeros((8, 4, lo // 4), np.float32)  # 32 runs
+    monkeypatch.setattr(_config, "CPU_FUSED_BACKWARD_MAX_RUNS", 31)
     assert _backward_ready(band) is not None  # within the cache
     monkeypatch.setattr(_config, "CPU_CACHE_BYTES", 2 * band.nbytes)
     assert _backward_ready(band) is not None  # x and dy exactly fill it
     monkeypatch.setattr(_config, "CPU_CACHE_BYTES", 2 * band.nbytes - 1)
     assert _backward_ready(band) is None
+    monkeypatch.setattr(_config, "CPU_FUSED_BACKWARD_MAX_RUNS", 32)
+    assert _backward_ready(band) is not None  # not more runs than that
+    monkeypatch.setattr(_config, "CPU_FUSED_BACKWARD_MAX_RUNS", 0)
     monkeypatch.setattr(_config, "CPU_CACHE_BYTES", 0)
     for inner, dtype, fused in ((hi // 4 - 1, np.float32, False), (hi // 4, np.float32, True),
                                 (lo // 8, np.float64, False), (lo // 8 - 1, np.float64, True),
@@ -181,6 +186,7 @@ def test_backward_of_scattered_runs_past_the_cache(rng, monkeypatch, training):
     _, mean, invstd = numbn.batch_norm_forward(x, w, b, backend="cpu")
     fused = numbn.batch_norm_backward(dy, x, mean, invstd, w, training=training, backend="cpu")
     monkeypatch.setattr(_config, "CPU_CACHE_BYTES", 0)
+    monkeypatch.setattr(_config, "CPU_FUSED_BACKWARD_MAX_RUNS", 0)
     assert _backward_ready(x.reshape(12, 6, 49)) is None
     two_pass = numbn.batch_norm_backward(dy, x, mean, invstd, w, training=training,
                                          backend="cpu")
