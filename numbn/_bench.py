@@ -47,6 +47,7 @@ MEMORY_ORDERS = {
     "F": np.asfortranarray,
     "channels_last": lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
 }
+
 _BYTES_FACTOR = {"forward": 2, "eval": 2, "backward": 3}
 
 

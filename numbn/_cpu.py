@@ -2375,10 +2375,11 @@ def _scattered_backward(x3) -> bool:
     ``_config.CPU_FUSED_BACKWARD_MAX_RUNS`` runs of
     ``_config.CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES`` with x and dy together
     beyond ``_config.CPU_CACHE_BYTES``, where the two-pass kernels are faster."""
+    if 2 * x3.nbytes <= _config.CPU_CACHE_BYTES:  # first: small calls stop here
+        return False
     outer, C, inner = x3.shape
     lo, hi = _config.CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES
-    return (lo <= inner * x3.itemsize < hi and outer * C > _config.CPU_FUSED_BACKWARD_MAX_RUNS
-            and 2 * x3.nbytes > _config.CPU_CACHE_BYTES)
+    return lo <= inner * x3.itemsize < hi and outer * C > _config.CPU_FUSED_BACKWARD_MAX_RUNS
 
 
 def train_fused(x3, w, b, eps, relu, y3):
@@ -2429,8 +2430,8 @@ def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
     vectors, all of any float dtype (:func:`_kernel_vectors`): the
     coefficients are computed in the kernel. Channels-last input takes the
     rows kernel, channel-major input with cache-sized channel slabs one task
-    per channel (as :func:`train_fused`), unless its runs are short and x
-    and dy exceed the cache (:func:`_scattered_backward`). float16 is viewed
+    per channel (as :func:`train_fused`), unless its runs are short and
+    many and x and dy exceed the cache (:func:`_scattered_backward`). float16 is viewed
     as its bits by :func:`backward_ready`."""
     if dx3.dtype != x3.dtype or x3.size == 0:
         return None
