@@ -111,8 +111,6 @@ class CopyBandwidth:
             lambda: _parallel_copy(self.src, self.dst, n)) / 1e9
 
 
-#: Memory orders of an NCHW array: C, F, and PyTorch's channels_last (NHWC
-#: memory behind NCHW axes).
 class MixedOrderBackward:
     """The CPU backward, float32, with ``dy`` in another memory order than
     ``x``'s: ``dy`` is copied into x's order first (``numbn._cpu.copy_into``).
