@@ -14,8 +14,6 @@ call first.
 
 from __future__ import annotations
 
-import time
-
 import numba
 import numpy as np
 
@@ -44,16 +42,9 @@ def main(argv=None):
         if xo != do:
             into = ORDERS[xo](np.empty(shape, np.float32))
             copies[(xo, do)] = lambda into=into, dys=dys: np.copyto(into, dys)
-    times = {k: [] for k in [*calls, *(("copy",) + k for k in copies)]}
-    order = np.random.default_rng(1)
     every = [*calls.items(), *((("copy",) + k, f) for k, f in copies.items())]
-    for _ in range(rounds):
-        for j in order.permutation(len(every)):
-            key, f = every[j]
-            t0 = time.perf_counter()
-            f()
-            times[key].append(time.perf_counter() - t0)
-    ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    medians = _bench._median_interleaved([f for _, f in every], rounds, seed=1)
+    ms = {key: t * 1e3 for (key, _), t in zip(every, medians)}
     print(f"numbn {numbn.__version__}, {numba.get_num_threads()} threads, backward of "
           f"{shape} float32, median ms of {rounds} interleaved rounds")
     print(f"{'x':<13} {'dy':<13} {'ms':>8} {'vs C,C':>8} {'NumPy copy of dy':>17}")

@@ -17,14 +17,13 @@ shared): run it more than once before changing a threshold.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numba
 import numpy as np
 
 import numbn
 from numbn import _config
-from numbn._bench import _numbn_calls
+from numbn._bench import _median_interleaved, _numbn_calls
 
 DEFAULT = ["64,256,14,14", "128,128,14,14", "16,64,56,56", "32,256,14,14", "64,512,7,7",
            "16,56,56,64:last", "12288,256", "8192,256"]
@@ -68,7 +67,6 @@ def main(argv=None):
           f"of {args.rounds} interleaved rounds; ratio: as chosen / all ordinary stores")
     print(f"{'input':<20} {'MiB':>6} " + " ".join(f"{op:>22}" for op in ("forward", "eval",
                                                                           "backward")))
-    order = np.random.default_rng(1)
     for spec in args.shapes:
         shape, calls = _calls(spec)
         funcs = []
@@ -77,14 +75,8 @@ def main(argv=None):
             for g, e in zip(_arrays(f()), _arrays(ordinary())):
                 np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
             funcs += [(op, "chosen", f), (op, "ordinary", ordinary)]
-        times = {(op, how): [] for op, how, _ in funcs}
-        for _ in range(args.rounds):
-            for j in order.permutation(len(funcs)):
-                op, how, f = funcs[j]
-                t0 = time.perf_counter()
-                f()
-                times[(op, how)].append(time.perf_counter() - t0)
-        ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+        medians = _median_interleaved([f for _, _, f in funcs], args.rounds, seed=1)
+        ms = {(op, how): t * 1e3 for (op, how, _), t in zip(funcs, medians)}
         cells = [f"{ms[(op, 'chosen')]:6.3f} / {ms[(op, 'ordinary')]:6.3f} "
                  f"{ms[(op, 'chosen')] / ms[(op, 'ordinary')]:5.2f}" for op in calls]
         print(f"{spec:<20} {np.prod(shape) * 4 / 2**20:6.1f} " + " ".join(f"{c:>22}"
