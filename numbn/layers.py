@@ -322,8 +322,14 @@ class BatchNorm:
         (``numbn.functional._direct_view``): ``y``, or None to leave the call
         to :meth:`_forward`. Takes parameters and running statistics as the
         kernels take them (NumPy float32/float64 vectors), so there is
-        nothing to place."""
+        nothing to place. An input without ``num_features`` channels goes
+        to :meth:`_forward`, which says so: a layer without vectors (no
+        affine, no running statistics) has nothing else to check C by."""
         axis = self.axis
+        shape = getattr(x, "shape", ())
+        if type(axis) is not int or not -len(shape) <= axis < len(shape) \
+                or shape[axis] != self.num_features:
+            return None
         if not self._use_batch():
             y = _direct_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                               self.eps, axis, self.backend, self.activation)

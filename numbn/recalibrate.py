@@ -58,8 +58,10 @@ class _Total:
         self.batches += 1
 
 
+#: What a block changes or may change, put back as it was at the end: the
+#: running statistics' arrays too, should the block have replaced them.
 _SAVED = ("training", "momentum", "_observer", "_frozen", "num_batches_tracked", "_saved",
-          "grad_weight", "grad_bias")
+          "grad_weight", "grad_bias", "running_mean", "running_var")
 
 
 def _layers(layers) -> list[BatchNorm]:
@@ -71,6 +73,9 @@ def _layers(layers) -> list[BatchNorm]:
         if not bn.track_running_stats:
             raise ValueError(f"cannot recalibrate {bn!r}: it has no running statistics "
                              f"(track_running_stats=False)")
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(f"cannot recalibrate {bn!r}: it has no running statistics "
+                             f"(running_mean and running_var set to None)")
         if id(bn) not in seen:
             seen.add(id(bn))
             unique.append(bn)
@@ -111,7 +116,8 @@ def recalibrate(layers):
     never reach the result.
 
     If the block raises, every layer is left exactly as it was: running
-    statistics, ``num_batches_tracked``, mode, momentum, gradients.
+    statistics (the same arrays, should the block have replaced them),
+    ``num_batches_tracked``, mode, momentum, gradients.
 
     Parameters
     ----------
@@ -128,7 +134,8 @@ def recalibrate(layers):
     TypeError
         Something that is not a BatchNorm.
     ValueError
-        A layer with ``track_running_stats=False``; nothing is changed.
+        A layer without running statistics (``track_running_stats=False``, or
+        ``running_mean`` and ``running_var`` set to None); nothing is changed.
 
     Examples
     --------

@@ -202,14 +202,19 @@ def test_constructor_errors():
     lambda: numbn.BatchNorm(3).eval(),
     lambda: numbn.BatchNorm(3, affine=False),
     lambda: numbn.BatchNorm(3, convention="keras"),
+    lambda: numbn.BatchNorm(3, affine=False, track_running_stats=False),
+    lambda: numbn.BatchNorm(3, affine=False, track_running_stats=False).eval(),
 ])
-def test_wrong_channel_count_is_named(make_layer):
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_wrong_channel_count_is_named(make_layer, order):
     """Input with another number of channels: the layer says so (it said
-    "weight must have shape (4,)", blaming its own weight), and nothing changes."""
+    "weight must have shape (4,)", blaming its own weight), and nothing
+    changes; in every memory order, also for a layer with no vector to
+    check C by (C-ordered input was taken with 5 channels there)."""
     bn = make_layer()
     before = bn.state_dict()
     with pytest.raises(ValueError, match=r"expected 3 channels on axis -?1, got input of shape"):
-        bn(np.ones((2, 5, 4), np.float32))
+        bn(np.ones((2, 5, 4), np.float32, order=order))
     for key, value in bn.state_dict().items():
         np.testing.assert_array_equal(value, before[key])
 

@@ -172,6 +172,38 @@ def test_layer_without_running_statistics_is_rejected_before_any_change():
     assert not good.training and good._observer is None
 
 
+def test_layer_whose_running_statistics_are_none_is_rejected_before_any_change():
+    """A layer with both running statistics set to None (batch statistics in
+    every mode, as in PyTorch) has nothing to recalibrate: refused up front,
+    the layers before it in the list untouched."""
+    good = numbn.BatchNorm(3).eval()
+    bad = numbn.BatchNorm(3)
+    bad.running_mean = bad.running_var = None
+    with pytest.raises(ValueError, match="set to None"):
+        with numbn.recalibrate([good, bad]):
+            pytest.fail("the block must not run")
+    assert not good.training and good._observer is None and good.momentum == 0.1
+    assert bad.running_mean is None and bad.running_var is None
+
+
+def test_running_statistics_replaced_in_the_block_are_put_back():
+    """A block that replaces a layer's running statistics (here by None, then
+    raises) leaves the layer with its own arrays and values again."""
+    rng = np.random.default_rng(8)
+    bn = numbn.BatchNorm(3).eval()
+    bn.running_mean[...] = [1.0, 2.0, 3.0]
+    rm, rv = bn.running_mean, bn.running_var
+    with pytest.raises(RuntimeError, match="boom"):
+        with numbn.recalibrate(bn):
+            bn(shifted_batches(rng)[0])
+            bn.running_mean = bn.running_var = None
+            raise RuntimeError("boom")
+    assert bn.running_mean is rm and bn.running_var is rv
+    np.testing.assert_array_equal(rm, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(rv, np.ones(3))
+    assert not bn.training and bn.momentum == 0.1
+
+
 def test_not_a_layer_is_rejected():
     with pytest.raises(TypeError, match="BatchNorm"):
         with numbn.recalibrate([numbn.BatchNorm(3), "bn"]):
