@@ -16,11 +16,18 @@ CPU_BLOCK = 4096
 #: fitting in a core's L2 cache for the second pass.
 CPU_ROWS_BLOCK = 32768
 
-#: Fewest rows in a block, however long the rows: each block costs a merge
-#: per column, which with one or two rows per block cost as much as the sums
-#: (forward of (163, 1024, 5, 5) as rows of 25600 columns: 0.65 of the
-#: channel-major time with 8 rows a block, 1.11 with 1; measured).
-CPU_ROWS_BLOCK_MIN_ROWS = 8
+#: Fewest rows in a block, however long the rows (from 513 columns on):
+#: each block costs a merge per column, and a block of few rows is often
+#: "too far" (``_cpu._too_far``) from the mean of the rows before it, whose
+#: columns are then summed again: with 8 rows, about one column in ten of
+#: standard-normal data. Training forward, float32, two threads, whole
+#: calls interleaved with PyTorch, 64 rows over 8 rows a block: (1024,
+#: 4096) 0.56-0.58, (128, 8192) 0.70-0.79, (163, 1024, 5, 5) as rows of
+#: 25600 columns 0.72-0.77, (128, 512, 4, 4) 0.70-0.76, NHWC (8, 7, 7,
+#: 1024) 0.91-0.93; float16 (1024, 4096) 0.49-0.56, float64 0.94-0.97;
+#: the backward (a float64 flush per block) 0.84-1.0; 32 rows did about as
+#: well (measured). (One row a block against 8 had cost 1.7x.)
+CPU_ROWS_BLOCK_MIN_ROWS = 64
 #: At most this many rows a channels-last block: each column of a block is
 #: summed in one accumulator of x's arithmetic dtype (float32 for float32),
 #: so its length bounds the rounding. At C=2 a block of 16384 rows lost the
