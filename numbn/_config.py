@@ -170,6 +170,16 @@ CPU_MIN_TASK = 16384
 
 #: Tasks per thread a reduction is split into, for load balance.
 CPU_TASKS_PER_THREAD = 4
+#: Tasks per thread of the rows kernels (``_cpu._row_tasks``): one. Numba's
+#: parallel loops give each thread an equal, contiguous share of the tasks
+#: (a static schedule), so more tasks than threads balanced nothing there,
+#: and each costs a probe, a merge per block and a partial per column.
+#: Whole calls, float32, two threads, one task a thread over four: forward
+#: (32, 4096) 0.67-0.68, (64, 4096) 0.71-0.74, (128, 8192) 0.77-0.81,
+#: (128, 1024) 0.84-0.87, (256, 1024) 0.88-0.95, NHWC (8, 7, 7, 1024)
+#: 0.87-0.90; backward (32, 4096) 0.82-0.83, (64, 4096) 0.86-0.88; from
+#: (2048, 512) and (8192, 64) on 0.95-1.08, noise (measured).
+CPU_ROWS_TASKS_PER_THREAD = 1
 
 #: Channel-major reductions of the two-pass path (the statistics, the
 #: backward's sums) split the outer axis among their tasks, each task

@@ -2033,11 +2033,19 @@ def _threads() -> int:
     return _threads()
 
 
-def _tasks(total_elements: int, cap: int) -> int:
-    """How many tasks to split ``total_elements`` of work into (1..cap)."""
-    n = min(_threads() * _config.CPU_TASKS_PER_THREAD, total_elements // _config.CPU_MIN_TASK,
-            cap)
+def _tasks(total_elements: int, cap: int, per_thread: int | None = None) -> int:
+    """How many tasks to split ``total_elements`` of work into (1..cap):
+    ``per_thread`` a thread (``_config.CPU_TASKS_PER_THREAD`` when None)."""
+    if per_thread is None:
+        per_thread = _config.CPU_TASKS_PER_THREAD
+    n = min(_threads() * per_thread, total_elements // _config.CPU_MIN_TASK, cap)
     return int(n) if n > 1 else 1
+
+
+def _row_tasks(x3) -> int:
+    """How many tasks the rows kernels split the rows of ``x3``'s rows view
+    (:func:`_row_views`) into: ``_config.CPU_ROWS_TASKS_PER_THREAD`` a thread."""
+    return _tasks(x3.size, x3.shape[0], _config.CPU_ROWS_TASKS_PER_THREAD)
 
 
 def _per_channel(x3) -> int:
@@ -2216,7 +2224,7 @@ def stats(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                                          pn, pmean, pm2)
     else:
         x2, = views
-        nsplit = _tasks(x3.size, outer)
+        nsplit = _row_tasks(x3)
         pn, pmean, pm2 = (np.empty(nsplit), np.empty((nsplit, x2.shape[1])),
                           np.empty((nsplit, x2.shape[1])))
         _stats_rows.on(x3.size)(x2, nsplit, _block_rows(x2), _zero(x3), pn, pmean, pm2,
@@ -2255,7 +2263,7 @@ def _launch_elementwise(channel_major, rows, x3, y3, *args, shared=0) -> None:
             y3[...] = out
     else:
         x2, y2 = views
-        rows.on(x3.size)(x2, *args, _zero(x3), y2, _tasks(x3.size, x3.shape[0]), _ahead(x2),
+        rows.on(x3.size)(x2, *args, _zero(x3), y2, _row_tasks(x3), _ahead(x2),
                          x3.shape[2], _stream(y2, x2, shared=shared))
 
 
@@ -2328,7 +2336,7 @@ def backward_sums(dy3, x3, m, a, t, relu) -> tuple[np.ndarray, np.ndarray]:
         sum_g, sum_gx = psum.sum(axis=1), pdot.sum(axis=1)
     else:
         x2, dy2 = views
-        nsplit = _tasks(x3.size, outer)
+        nsplit = _row_tasks(x3)
         psum, pdot = np.empty((nsplit, x2.shape[1])), np.empty((nsplit, x2.shape[1]))
         _sums_rows.on(x3.size)(dy2, x2, *_repeat((mx, a, t), inner), relu, nsplit,
                                _block_rows(x2), _zero(x3), psum, pdot, _ahead(x2))
@@ -2356,7 +2364,7 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3, shared=0) -> None:
     else:
         x2, dy2, dx2 = views
         coef = np.stack(_repeat((m, a, t, b, d), x3.shape[2]))
-        nsplit = _tasks(x3.size, x2.shape[0])
+        nsplit = _row_tasks(x3)
         _apply_rows.on(x3.size)(dy2, x2, coef, relu, dx2, nsplit, _ahead(x2), _zero(x3),
                                 _stream(dx2, x2, dy2, shared=shared), np.zeros(nsplit), _threads())
 
@@ -2410,7 +2418,7 @@ def train_ready(x3, w, b, eps, relu, y3):
     mean, var = np.empty(C), np.empty(C)
     if views is not None:
         x2, y2 = views
-        nsplit = _tasks(x3.size, outer)
+        nsplit = _row_tasks(x3)
         _train_rows.on(x3.size)(
             x2, w, b, float(eps), relu, nsplit, _block_rows(x2), _zero(x3),
             np.empty(nsplit), np.empty((nsplit, x2.shape[1])), np.empty((nsplit, x2.shape[1])),
@@ -2453,7 +2461,7 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
     dw, db = np.empty(C), np.empty(C)
     if views is not None:
         x2, dy2, dx2 = views
-        nsplit = _tasks(x3.size, outer)
+        nsplit = _row_tasks(x3)
         cols = x2.shape[1]
         _backward_rows.on(x3.size)(
             dy2, x2, mean, inv, w, b, relu, training, nsplit, _block_rows(x2), _zero(x3),

@@ -126,6 +126,7 @@ def tiny_tasks(monkeypatch):
     monkeypatch.setattr(_config, "CPU_BLOCK", 7)
     monkeypatch.setattr(_config, "CPU_ROWS_BLOCK", 9)
     monkeypatch.setattr(_config, "CPU_ROWS_BLOCK_MIN_ROWS", 1)
+    monkeypatch.setattr(_config, "CPU_ROWS_TASKS_PER_THREAD", 4)
 
 
 HOST_BACKENDS = [b for b in numbn.available_backends() if b != "cuda"]
