@@ -153,39 +153,11 @@ def _float32_calls(shape: str, axis: int = 1):
             "backward": calls["backward"]}
 
 
-class ShortRuns:
-    """Channel-major input with small feature maps (ResNet's last stages),
-    float32 on the CPU backend: the eval of 7x7 maps was 1.2-1.4x slower
-    than PyTorch's until its kernels stopped slicing every run and left the
-    rows view to the reductions (``_config.CPU_ROWS_ELEMENTWISE_MAX_INNER``).
-    The backward of (128, 512, 7, 7), x and dy beyond the cache, takes the
-    two-pass kernels (``_config.CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES``):
-    fused, it took 1.2-1.3x as long."""
+class _Shapes:
+    """float32 calls of ``numbn bench`` on the CPU backend, per op and shape
+    (``"(N, C, H, W)"``; with `` last``, channels-last: channel axis -1).
+    Not collected itself (asv skips names that start with an underscore)."""
 
-    params = (["forward_train", "eval", "backward"],
-              ["(256, 256, 7, 7)", "(64, 512, 7, 7)", "(128, 512, 7, 7)", "(256, 64, 8, 8)",
-               "(128, 256, 5, 5)"])
-    param_names = ["op", "shape"]
-
-    def setup(self, op, shape):
-        self.call = _float32_calls(shape)[op]
-        self.call()
-
-    def time_op(self, op, shape):
-        self.call()
-
-
-class CacheSizedOutputs:
-    """Outputs of 4-16 MiB, float32 on the CPU backend, where the kernels'
-    choice of non-temporal stores changed: the fused channel-major forward
-    and backward stream from ``_config.CPU_SLAB_STREAM_MIN_BYTES`` when the
-    runs are long enough, the rows kernels (channels last, 2-D) from
-    ``_config.CPU_ROWS_STREAM_MIN_BYTES``; streamed, the forward of (128,
-    128, 14, 14) took 0.71 of the time it took with ordinary stores."""
-
-    params = (["forward_train", "eval", "backward"],
-              ["(24, 256, 14, 14)", "(128, 128, 14, 14)", "(16, 64, 56, 56)",
-               "(16, 56, 56, 64) last", "(12288, 256)"])
     param_names = ["op", "shape"]
 
     def setup(self, op, shape):
@@ -197,7 +169,34 @@ class CacheSizedOutputs:
         self.call()
 
 
-class WideRows:
+class ShortRuns(_Shapes):
+    """Channel-major input with small feature maps (ResNet's last stages),
+    float32 on the CPU backend: the eval of 7x7 maps was 1.2-1.4x slower
+    than PyTorch's until its kernels stopped slicing every run and left the
+    rows view to the reductions (``_config.CPU_ROWS_ELEMENTWISE_MAX_INNER``).
+    The backward of (128, 512, 7, 7), x and dy beyond the cache, takes the
+    two-pass kernels (``_config.CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES``):
+    fused, it took 1.2-1.3x as long."""
+
+    params = (["forward_train", "eval", "backward"],
+              ["(256, 256, 7, 7)", "(64, 512, 7, 7)", "(128, 512, 7, 7)", "(256, 64, 8, 8)",
+               "(128, 256, 5, 5)"])
+
+
+class CacheSizedOutputs(_Shapes):
+    """Outputs of 4-16 MiB, float32 on the CPU backend, where the kernels'
+    choice of non-temporal stores changed: the fused channel-major forward
+    and backward stream from ``_config.CPU_SLAB_STREAM_MIN_BYTES`` when the
+    runs are long enough, the rows kernels (channels last, 2-D) from
+    ``_config.CPU_ROWS_STREAM_MIN_BYTES``; streamed, the forward of (128,
+    128, 14, 14) took 0.71 of the time it took with ordinary stores."""
+
+    params = (["forward_train", "eval", "backward"],
+              ["(24, 256, 14, 14)", "(128, 128, 14, 14)", "(16, 64, 56, 56)",
+               "(16, 56, 56, 64) last", "(12288, 256)"])
+
+
+class WideRows(_Shapes):
     """2-D input with long rows and few of them (a wide dense layer's
     BatchNorm1d, and channel-major input with 4x4 maps as rows of 8192
     columns), float32 on the CPU backend. The rows kernels reduced such
@@ -209,11 +208,3 @@ class WideRows:
 
     params = (["forward_train", "eval", "backward"],
               ["(32, 4096)", "(1024, 4096)", "(128, 8192)", "(128, 512, 4, 4)"])
-    param_names = ["op", "shape"]
-
-    def setup(self, op, shape):
-        self.call = _float32_calls(shape)[op]
-        self.call()
-
-    def time_op(self, op, shape):
-        self.call()
