@@ -326,10 +326,9 @@ class BatchNorm:
         to :meth:`_forward`, which says so: a layer without vectors (no
         affine, no running statistics) has nothing else to check C by."""
         axis = self.axis
-        shape = getattr(x, "shape", ())
-        if type(axis) is not int or not -len(shape) <= axis < len(shape) \
-                or shape[axis] != self.num_features:
-            return None
+        if type(x) is not np.ndarray or type(axis) is not int or not -x.ndim <= axis < x.ndim \
+                or x.shape[axis] != self.num_features:
+            return None  # the direct path takes NumPy arrays only
         if not self._use_batch():
             y = _direct_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                               self.eps, axis, self.backend, self.activation)
