@@ -408,13 +408,16 @@ def _stand_ins(weight, bias, c, like):
     return _cpu_kernels()._affine(weight, bias, c, like)
 
 
-def _direct_infer(x, mean, var, weight, bias, eps, axis, backend, activation, out=None):
+def _direct_infer(x, mean, var, weight, bias, eps, axis, backend, activation, out=None,
+                  channels=None):
     """The eval forward by the direct path (:func:`_direct_view`): ``y``
     (``out`` when given, :func:`_direct_out`), or None to leave the call to
-    the general path. ``weight`` and ``bias`` may be None (:func:`_stand_ins`)."""
+    the general path. ``weight`` and ``bias`` may be None (:func:`_stand_ins`).
+    ``channels``: the C that x must have (a layer's ``num_features``), if
+    any; other input goes to the general path, which names the mismatch."""
     x3 = _direct_view(x, axis, backend)
     relu = _direct_activation(activation)
-    if x3 is None or relu is None:
+    if x3 is None or relu is None or channels not in (None, x3.shape[1]):
         return None
     weight, bias = _stand_ins(weight, bias, x3.shape[1], mean)
     if not _ready(x3.shape[1], mean, var, weight, bias):
@@ -424,16 +427,18 @@ def _direct_infer(x, mean, var, weight, bias, eps, axis, backend, activation, ou
     return y
 
 
-def _direct_train(x, weight, bias, eps, axis, backend, activation, *running, out=None):
+def _direct_train(x, weight, bias, eps, axis, backend, activation, *running, out=None,
+                  channels=None):
     """The training forward by the direct path (:func:`_direct_view`):
     ``(y, mean, var_biased, count)``, or None to leave the call to the
     general path. Takes ``weight`` and ``bias`` (None: :func:`_stand_ins`), two or more values per
     channel, and an input the one-call kernel serves (``numbn._cpu.train_ready``);
     ``running``, the running statistics the caller will update, must be as
-    the kernels take them too. ``y`` is ``out`` when given (:func:`_direct_out`)."""
+    the kernels take them too. ``y`` is ``out`` when given (:func:`_direct_out`);
+    ``channels`` as :func:`_direct_infer`'s."""
     x3 = _direct_view(x, axis, backend)
     relu = _direct_activation(activation)
-    if x3 is None or relu is None:
+    if x3 is None or relu is None or channels not in (None, x3.shape[1]):
         return None
     outer, c, inner = x3.shape
     n = outer * inner

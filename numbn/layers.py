@@ -323,22 +323,22 @@ class BatchNorm:
         to :meth:`_forward`. Takes parameters and running statistics as the
         kernels take them (NumPy float32/float64 vectors), so there is
         nothing to place. An input without ``num_features`` channels goes
-        to :meth:`_forward`, which says so: a layer without vectors (no
-        affine, no running statistics) has nothing else to check C by."""
+        to :meth:`_forward`, which says so (``channels=``: a layer without
+        vectors, no affine and no running statistics, has nothing else to
+        check C by)."""
         axis = self.axis
-        if type(x) is not np.ndarray or type(axis) is not int or not -x.ndim <= axis < x.ndim \
-                or x.shape[axis] != self.num_features:
-            return None  # the direct path takes NumPy arrays only
         if not self._use_batch():
             y = _direct_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
-                              self.eps, axis, self.backend, self.activation)
+                              self.eps, axis, self.backend, self.activation,
+                              channels=self.num_features)
             if y is not None:
                 self._save_running(x, axis % x.ndim)
             return y
         update = self._updates_running()
         done = _direct_train(x, self.weight, self.bias, self.eps, axis, self.backend,
                              self.activation,
-                             *((self.running_mean, self.running_var) if update else ()))
+                             *((self.running_mean, self.running_var) if update else ()),
+                             channels=self.num_features)
         if done is None:
             return None
         y, mean, var, n = done
