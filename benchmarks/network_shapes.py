@@ -19,9 +19,7 @@ import argparse
 
 import numpy as np
 
-from numbn._bench import _median_interleaved, _numbn_calls, _torch_calls, has_torch
-
-OPS = ("forward", "eval", "backward")
+from numbn._bench import OPS, _median_interleaved, _numbn_calls, _torch_calls, has_torch
 
 
 def shapes():
