@@ -46,39 +46,42 @@ CPU_ROWS_STREAM_AHEAD_BYTES = 8192
 #: of (16, 32, 112, 112): 1.78 ms against 2.27; of (32, 32, 112, 112): 8.97
 #: against 11.06), and 4 MiB was no better.
 CPU_FUSED_MAX_SLAB_BYTES = 2 * 1024 * 1024
-#: The fused backward (one task per channel) of channel-major input whose
-#: runs are this many bytes long (from, below), more than
-#: ``CPU_FUSED_BACKWARD_MAX_RUNS`` of them (N * C), takes the two-pass
-#: kernels instead when x and dy together exceed ``CPU_CACHE_BYTES``: it
-#: reads x and dy and writes dx in runs of a few cache lines, a channel's
-#: stride apart, and past the cache that scattered walk cost more than two
-#: passes in memory order, which read x and dy twice. Full calls, two
-#: threads, interleaved with PyTorch and a copy, two-pass over fused time,
-#: float32, by map and size of x:
+#: Channels whose runs are shorter than ``CPU_FUSED_GROUP_MAX_RUN_BYTES``
+#: are taken by the fused kernels in groups of adjacent channels, as many as
+#: keep the group's slabs of x within ``CPU_FUSED_GROUP_BYTES`` (training
+#: forward) and its slabs of x and dy within ``CPU_FUSED_BACKWARD_GROUP_BYTES``
+#: (backward), walked in memory order (``_cpu._channel_group``): a channel
+#: alone is ``outer`` runs of a few cache lines, a channel's stride apart,
+#: which the hardware prefetcher follows badly; a group is ``outer``
+#: stretches of ``group`` runs each. 0: one channel a task. Full calls,
+#: float32, two threads, interleaved with PyTorch and a copy, one channel a
+#: task over grouped time (the backward of these inputs took the two-pass
+#: kernels instead when x and dy exceeded 16 MiB, before grouping):
 #:
-#: - 7x7 (196-byte runs), C=512: 9.2 MiB 0.82-0.88, 12.2 MiB 0.74-0.85,
-#:   24.5 MiB 0.76-0.88; 8x8: (96, 512) 0.57-0.64, (1024, 64) 0.54-0.57,
-#:   (32, 2048) 0.79-0.86; 10x10, C=512: 12.5 MiB 0.66-0.80; 6x6, C=1024,
-#:   18 MiB: 0.66-0.73. At about 6 MiB (cached) 0.94-1.25: fused.
-#: - C=256, 9 / 12 / 16 / 20 / 24.5 MiB: 12x12 0.78-0.88 / 0.66-0.83 /
-#:   0.72-0.78 / 0.69-0.75 / 0.60-0.69; 14x14 1.08-1.13 / 0.89-0.93 /
-#:   0.79-0.89 / 0.83-0.89 / 0.81-0.83; 16x16 1.18-1.22 / 1.05-1.15 /
-#:   0.89-1.01 / 0.91-0.93 / 0.80-0.87; 18x18 1.24-1.34 / 1.10-1.18 /
-#:   1.12-1.14 / 1.10-1.19 / 0.84-0.89. Longer runs pay off later, about
-#:   where N * C passes 16384; from 16x16 (1024 bytes) only at 20-24.5 MiB
-#:   and not in every sitting (16x16 at 20 MiB, new over old calls:
-#:   1.05-1.09), so they keep the fused kernel, as do 20x20 and 28x28
-#:   (two passes 1.07-1.59 at 12.5-24.5 MiB).
-#: - float64 (64, 512, 7, 7) 0.77-0.83; float16 (96, 512, 10, 10)
-#:   0.82-0.87, but float16 7x7 (98-byte runs) 1.13-1.27 at 12-18 MiB, and
-#:   float32 5x5 (100 bytes) 0.97-1.04 at 18.8 MiB: the lower bound.
-#:
-#: The forward, which writes one array, gained from two passes at 12-32
-#: MiB with 8x8 to 11x11 maps (0.61-0.94) but lost with 7x7 maps at 9-12
-#: MiB and with (64, 2048, 8, 8) at 32 MiB (1.35-1.47), so it keeps the
-#: fused kernel (measured).
-CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES = (128, 1024)
-CPU_FUSED_BACKWARD_MAX_RUNS = 16384
+#: - backward: (64, 256, 14, 14) 1.27-1.31, (64, 512, 7, 7) 1.52-1.79,
+#:   (16, 512, 14, 14) 1.49-1.69, (32, 1024, 7, 7) 1.90-2.24, (8, 512, 7,
+#:   7) 2.03-2.11, (32, 256, 28, 28) 1.38-1.51, (32, 128, 28, 28)
+#:   1.29-1.36, (64, 128, 20, 20) 1.21-1.26; float16 (64, 256, 14, 14)
+#:   1.70-1.76, float16 (128, 512, 7, 7) 2.24-2.29, float64 (32, 256, 14,
+#:   14) 1.26-1.43. The two-pass kernels over grouped time, where they had
+#:   taken over: (96, 512, 8, 8) 1.12-1.15, (64, 512, 10, 10) 1.18-1.19,
+#:   (128, 256, 12, 12) 1.08-1.12, (128, 512, 7, 7) 0.97-1.00, (256, 256,
+#:   7, 7) 0.98-1.00; float16 (96, 512, 10, 10) 1.01-1.04 (and float16
+#:   (128, 512, 7, 7), fused before too, 1.29-1.32). Budgets of 512 KiB to
+#:   2 MiB did alike at 7x7 to 20x20 maps, but with about 680 KiB the fused
+#:   kernel lost to the two passes at 7x7 to 10x10 maps with N >= 64
+#:   (1.08-1.26x their time).
+#: - forward: (32, 1024, 7, 7) 1.29-1.34, (128, 512, 7, 7) 1.12-1.20, (96,
+#:   512, 8, 8) 1.10-1.28, (64, 512, 10, 10) 1.23-1.28, (128, 256, 12, 12)
+#:   1.11-1.16, (64, 256, 14, 14) 0.98-1.04. The forward's second pass,
+#:   from cache, loses more to a large group than its memory order saves,
+#:   so its budget is smaller: with 2 MiB, (64, 128, 20, 20) took 1.09-1.20x
+#:   as long and (64, 256, 14, 14) 1.06-1.10x.
+#: - runs of 4 KiB and more gain nothing: (32, 64, 56, 56) forward grouped
+#:   over alone 1.14-1.19, backward 0.97-1.03 (measured).
+CPU_FUSED_GROUP_BYTES = 512 * 1024
+CPU_FUSED_BACKWARD_GROUP_BYTES = 2 * 1024 * 1024
+CPU_FUSED_GROUP_MAX_RUN_BYTES = 4096
 
 #: Bytes of input that count as cache-resident: the rows kernels (channels-last
 #: input, and short runs) prefetch rows ahead above this (x and dy together),
