@@ -46,41 +46,40 @@ CPU_ROWS_STREAM_AHEAD_BYTES = 8192
 #: of (16, 32, 112, 112): 1.78 ms against 2.27; of (32, 32, 112, 112): 8.97
 #: against 11.06), and 4 MiB was no better.
 CPU_FUSED_MAX_SLAB_BYTES = 2 * 1024 * 1024
-#: Channels whose runs are shorter than ``CPU_FUSED_GROUP_MAX_RUN_BYTES``
-#: are taken by the fused kernels in groups of adjacent channels, as many as
-#: keep the group's slabs of x within ``CPU_FUSED_GROUP_BYTES`` (training
-#: forward) and its slabs of x and dy within ``CPU_FUSED_BACKWARD_GROUP_BYTES``
-#: (backward), walked in memory order (``_cpu._channel_group``): a channel
-#: alone is ``outer`` runs of a few cache lines, a channel's stride apart,
-#: which the hardware prefetcher follows badly; a group is ``outer``
+#: The fused backward takes channels whose runs are shorter than
+#: ``CPU_FUSED_GROUP_MAX_RUN_BYTES`` in groups of adjacent channels, as many
+#: as keep the group's slabs of x and dy within ``CPU_FUSED_GROUP_BYTES``,
+#: walked in memory order (``_cpu._channel_group``): a channel alone is
+#: ``outer`` runs of x and of dy, a few cache lines each, a channel's stride
+#: apart, which the hardware prefetcher follows badly; a group is ``outer``
 #: stretches of ``group`` runs each. 0: one channel a task. Full calls,
 #: float32, two threads, interleaved with PyTorch and a copy, one channel a
-#: task over grouped time (the backward of these inputs took the two-pass
-#: kernels instead when x and dy exceeded 16 MiB, before grouping):
+#: task over grouped time (the backward of the larger of these inputs took
+#: the two-pass kernels before grouping):
 #:
-#: - backward: (64, 256, 14, 14) 1.27-1.31, (64, 512, 7, 7) 1.52-1.79,
-#:   (16, 512, 14, 14) 1.49-1.69, (32, 1024, 7, 7) 1.90-2.24, (8, 512, 7,
-#:   7) 2.03-2.11, (32, 256, 28, 28) 1.38-1.51, (32, 128, 28, 28)
-#:   1.29-1.36, (64, 128, 20, 20) 1.21-1.26; float16 (64, 256, 14, 14)
-#:   1.70-1.76, float16 (128, 512, 7, 7) 2.24-2.29, float64 (32, 256, 14,
-#:   14) 1.26-1.43. The two-pass kernels over grouped time, where they had
-#:   taken over: (96, 512, 8, 8) 1.12-1.15, (64, 512, 10, 10) 1.18-1.19,
-#:   (128, 256, 12, 12) 1.08-1.12, (128, 512, 7, 7) 0.97-1.00, (256, 256,
-#:   7, 7) 0.98-1.00; float16 (96, 512, 10, 10) 1.01-1.04 (and float16
-#:   (128, 512, 7, 7), fused before too, 1.29-1.32). Budgets of 512 KiB to
-#:   2 MiB did alike at 7x7 to 20x20 maps, but with about 680 KiB the fused
-#:   kernel lost to the two passes at 7x7 to 10x10 maps with N >= 64
-#:   (1.08-1.26x their time).
-#: - forward: (32, 1024, 7, 7) 1.29-1.34, (128, 512, 7, 7) 1.12-1.20, (96,
-#:   512, 8, 8) 1.10-1.28, (64, 512, 10, 10) 1.23-1.28, (128, 256, 12, 12)
-#:   1.11-1.16, (64, 256, 14, 14) 0.98-1.04. The forward's second pass,
-#:   from cache, loses more to a large group than its memory order saves,
-#:   so its budget is smaller: with 2 MiB, (64, 128, 20, 20) took 1.09-1.20x
-#:   as long and (64, 256, 14, 14) 1.06-1.10x.
-#: - runs of 4 KiB and more gain nothing: (32, 64, 56, 56) forward grouped
-#:   over alone 1.14-1.19, backward 0.97-1.03 (measured).
-CPU_FUSED_GROUP_BYTES = 512 * 1024
-CPU_FUSED_BACKWARD_GROUP_BYTES = 2 * 1024 * 1024
+#: - (64, 256, 14, 14) 1.27-1.31 and, with x shared by the calls as in
+#:   ``numbn bench``, 1.12-1.22; (64, 512, 7, 7) 1.52-1.79, (16, 512, 14,
+#:   14) 1.49-1.69, (32, 1024, 7, 7) 1.90-2.24, (8, 512, 7, 7) 2.03-2.11,
+#:   (32, 256, 28, 28) 1.38-1.51, (32, 128, 28, 28) 1.29-1.36 and
+#:   1.09-1.21, (64, 128, 20, 20) 1.21-1.26, (128, 256, 12, 12) 1.40-1.44;
+#:   float16 (64, 256, 14, 14) 1.70-1.76, (128, 512, 7, 7) 2.24-2.29;
+#:   float64 (32, 256, 14, 14) 1.26-1.43.
+#: - the two-pass kernels over grouped time, where they had taken over:
+#:   (96, 512, 8, 8) 1.12-1.15, (64, 512, 10, 10) 1.18-1.19, (128, 256, 12,
+#:   12) 1.08-1.12, (128, 512, 7, 7) 0.97-1.00, (256, 256, 7, 7) 0.98-1.00;
+#:   float16 (96, 512, 10, 10) 1.01-1.04.
+#: - budgets of 512 KiB to 2 MiB did alike at 7x7 to 20x20 maps, but with
+#:   about 680 KiB the fused kernel lost to the two passes at 7x7 to 10x10
+#:   maps with N >= 64 (1.08-1.26x their time); runs of 4 KiB and more
+#:   gained nothing ((32, 64, 56, 56) 0.97-1.03).
+#:
+#: The training forward keeps one channel a task: grouped the same way, it
+#: gained at 8x8 and 10x10 maps of 12 MiB (1.08-1.39) but lost at small
+#: inputs ((8, 512, 7, 7): 0.64-0.76) and went both ways at 7x7 and 14x14
+#: maps from one sitting to the next ((32, 1024, 7, 7): 0.86-0.92 in one,
+#: 1.29-1.34 in another), where its prefetch of the runs ahead
+#: (``_cpu._AHEAD_BYTES``) already serves (measured).
+CPU_FUSED_GROUP_BYTES = 2 * 1024 * 1024
 CPU_FUSED_GROUP_MAX_RUN_BYTES = 4096
 
 #: Bytes of input that count as cache-resident: the rows kernels (channels-last

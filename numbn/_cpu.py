@@ -378,7 +378,7 @@ def _span_moments(x, c, f0, f1, block, zero, cell):
     run_bytes = inner * x.itemsize
     ahead = _AHEAD_BYTES // run_bytes if run_bytes <= _SHORT_RUN_BYTES else 0
     if f0 % inner == 0 and f1 % inner == 0 and inner <= block:
-        # Whole runs, each one chunk: no chunk loop.
+        # Whole runs, each one chunk: no chunk loop (as _run_sums).
         for o in range(f0 // inner, f1 // inner):
             if ahead and o + ahead < x.shape[0]:
                 _prefetch_run(x[o + ahead, c])
@@ -1763,81 +1763,31 @@ def _cast(cell, k, value):
     return cell[k]
 
 
-@njit(inline="always")
-def _group_moments(x, c0, c1, block, zero, cells, state):
-    """:func:`_span_moments` of channels ``c0:c1`` of ``x`` (``(outer, C,
-    inner)``) at once, walked in memory order (``for o: for c``): channel
-    ``c``'s (count, mean, M2) into ``state[c, :3]`` (float64; ``state[c,
-    3:6]`` hold its sums under the current shift, ``cells[c, 0]`` the shift,
-    as :func:`_span_step` keeps them)."""
-    inner = x.shape[2]
-    group = c1 - c0
-    run_bytes = inner * x.itemsize
-    ahead = _AHEAD_BYTES // run_bytes if run_bytes <= _SHORT_RUN_BYTES else 0
-    for c in range(c0, c1):
-        for j in range(6):
-            state[c, j] = 0.0
-    for o in range(x.shape[0]):
-        for c in range(c0, c1):
-            if ahead:  # the run ``ahead`` runs further along the walk
-                q = o * group + c - c0 + ahead
-                if q // group < x.shape[0]:
-                    _prefetch_run(x[q // group, c0 + q % group])
-            st = state[c]
-            for b0 in range(0, inner, block):
-                first, sh, n, mean, m2, ns, d1s, d2s = _span_step(
-                    _dense(x[o, c, b0:min(b0 + block, inner)]), zero, cells[c, 0:1],
-                    o == 0 and b0 == 0, cells[c, 0], st[0], st[1], st[2], st[3], st[4], st[5])
-                st[0], st[1], st[2], st[3], st[4], st[5] = n, mean, m2, ns, d1s, d2s
-    for c in range(c0, c1):
-        st = state[c]
-        if st[3] > 0.0:
-            st[0], st[1], st[2] = _fold_merge(st[0], st[1], st[2], st[3], cells[c, 0], st[4],
-                                              st[5])
-
-
 @_Kernel
-def _train_fused(x, w, b, eps, relu, group, block, zero, cells, state, y, mean_out, var_out,
-                 stream):
-    """Training forward with one task per ``group`` adjacent channels whose
-    slabs together fit in a core's cache: statistics, then normalisation
-    while the slabs are still cached, so x crosses memory once (2|x| of
-    traffic, not 3|x|). A group of several channels is walked in memory
-    order (:func:`_group_moments`, and ``for o: for c`` to normalise), so
-    short runs are read as ``outer`` stretches of ``group`` runs each.
-    ``cells`` (C, 4) and ``state`` (C, 6) are scratch."""
+def _train_fused(x, w, b, eps, relu, block, zero, cells, y, mean_out, var_out, stream):
+    """Training forward with one task per channel, for channels whose slab
+    fits in a core's cache: statistics, then normalisation while the slab is
+    still cached, so x crosses memory once (2|x| of traffic, not 3|x|)."""
     outer, C, inner = x.shape
-    for k in prange((C + group - 1) // group):
-        c0 = k * group
-        c1 = min(c0 + group, C)
-        if group == 1:
-            state[c0, 0], state[c0, 1], state[c0, 2] = _span_moments(
-                x, c0, 0, outer * inner, block, zero, cells[c0, 0:1])
-        else:
-            _group_moments(x, c0, c1, block, zero, cells, state)
-        for c in range(c0, c1):
-            cell = cells[c]
-            n, mean, m2 = state[c, 0], state[c, 1], state[c, 2]
-            var = m2 / n
-            if mean != mean:
-                mean = _plain_mean(x, c)
-            mean_out[c] = mean
-            var_out[c] = var
-            a = w[c] / np.sqrt(var + eps)
-            mr = _cast(cell, 1, mean)
-            _cast(cell, 2, a)
-            _cast(cell, 3, b[c] - (mean - np.float64(mr)) * a)  # as _in_dtype
+    for c in prange(C):
+        cell = cells[c]
+        n, mean, m2 = _span_moments(x, c, 0, outer * inner, block, zero, cell[0:1])
+        var = m2 / n
+        if mean != mean:
+            mean = _plain_mean(x, c)
+        mean_out[c] = mean
+        var_out[c] = var
+        a = w[c] / np.sqrt(var + eps)
+        mr = _cast(cell, 1, mean)
+        ar = _cast(cell, 2, a)
+        tr = _cast(cell, 3, b[c] - (mean - np.float64(mr)) * a)  # as _in_dtype
         if stream:
             for o in range(outer):
-                for c in range(c0, c1):
-                    cell = cells[c]
-                    _affine_run(x[o, c], y[o, c], cell[1], cell[2], cell[3], relu, zero, True)
+                _affine_run(x[o, c], y[o, c], mr, ar, tr, relu, zero, True)
             _store_fence()
         else:  # as in _backward_fused
             for o in range(outer):
-                for c in range(c0, c1):
-                    cell = cells[c]
-                    _affine_span(x[o, c], y[o, c], cell[1], cell[2], cell[3], relu, zero)
+                _affine_span(x[o, c], y[o, c], mr, ar, tr, relu, zero)
 
 
 @njit(inline="always")
@@ -2437,25 +2387,25 @@ def backward_apply(dy3, x3, m, a, t, relu, b, d, dx3, shared=0) -> None:
 
 
 def _fusable(x3) -> bool:
-    """One task per channel (or group of channels, :func:`_channel_group`)
-    pays when the channel's slab fits in a core's cache and there are
-    channels enough for every thread."""
+    """One task per channel (or, in the backward, per group of channels,
+    :func:`_channel_group`) pays when the channel's slab fits in a core's
+    cache and there are channels enough for every thread."""
     outer, C, inner = x3.shape
     slab = outer * inner * x3.itemsize
     return (inner > 1 and outer > 0 and C >= 2 * _threads()
             and slab <= _config.CPU_FUSED_MAX_SLAB_BYTES and x3.flags.c_contiguous)
 
 
-def _channel_group(x3, arrays: int, budget: int) -> int:
-    """Adjacent channels a task of the fused kernels takes together
+def _channel_group(x3) -> int:
+    """Adjacent channels a task of the fused backward takes together
     (``_config.CPU_FUSED_GROUP_BYTES``): ``ceil(C / (threads * k))`` for the
-    least k that keeps their slabs of ``arrays`` arrays the shape of ``x3``
-    (x; x and dy) within ``budget`` bytes, k groups a thread or a few
-    fewer; 1 for runs of ``_config.CPU_FUSED_GROUP_MAX_RUN_BYTES`` or more."""
+    least k that keeps their slabs of x and dy within
+    ``_config.CPU_FUSED_GROUP_BYTES``, k groups a thread or a few fewer; 1
+    for runs of ``_config.CPU_FUSED_GROUP_MAX_RUN_BYTES`` or more."""
     outer, C, inner = x3.shape
     if inner * x3.itemsize >= _config.CPU_FUSED_GROUP_MAX_RUN_BYTES:
         return 1
-    most = budget // max(outer * inner * x3.itemsize * arrays, 1)
+    most = _config.CPU_FUSED_GROUP_BYTES // max(2 * outer * inner * x3.itemsize, 1)
     if most <= 1:
         return 1
     threads = _threads()
@@ -2470,9 +2420,8 @@ def train_fused(x3, w, b, eps, relu, y3):
 
     Channels-last input takes the rows kernel (statistics and normalisation
     of each task's rows by the same task); channel-major input whose channel
-    slabs fit in a core's cache takes one task per channel, or, with short
-    runs, per group of adjacent channels (:func:`_channel_group`). float16
-    is viewed as its bits by :func:`train_ready`."""
+    slabs fit in a core's cache takes one task per channel. float16 is
+    viewed as its bits by :func:`train_ready`."""
     if y3.dtype != x3.dtype or x3.size == 0:
         return None
     w, b = _kernel_vectors(*_affine(w, b, x3.shape[1], w if w is not None else b))
@@ -2498,10 +2447,9 @@ def train_ready(x3, w, b, eps, relu, y3):
             np.empty(nsplit), np.empty((nsplit, x2.shape[1])), np.empty((nsplit, x2.shape[1])),
             y2, mean, var, _ahead(x2), inner, _stream(y2, x2))
     else:
-        group = _channel_group(x3, 1, _config.CPU_FUSED_GROUP_BYTES)
-        _train_fused.on(x3.size)(x3, w, b, float(eps), relu, group, _config.CPU_BLOCK,
-                                 _zero(x3), np.empty((C, 4), _arith(x3)), np.empty((C, 6)),
-                                 y3, mean, var, _stream_slabs(y3, x3))
+        _train_fused.on(x3.size)(x3, w, b, float(eps), relu, _config.CPU_BLOCK, _zero(x3),
+                                 np.empty((C, 4), _arith(x3)), y3, mean, var,
+                                 _stream_slabs(y3, x3))
     return mean, var
 
 
@@ -2513,8 +2461,9 @@ def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
     vectors, all of any float dtype (:func:`_kernel_vectors`): the
     coefficients are computed in the kernel. Channels-last input takes the
     rows kernel, channel-major input with cache-sized channel slabs one task
-    per channel or per group of channels (as :func:`train_fused`). float16
-    is viewed as its bits by :func:`backward_ready`."""
+    per channel (as :func:`train_fused`) or, with short runs, per group of
+    adjacent channels (:func:`_channel_group`). float16 is viewed as its
+    bits by :func:`backward_ready`."""
     if dx3.dtype != x3.dtype or x3.size == 0:
         return None
     mean, inv, w, b = _kernel_vectors(mean, inv, *_affine(w, b, x3.shape[1], mean))
@@ -2542,8 +2491,7 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
             np.empty((nsplit, cols)), np.zeros(nsplit), dx2, db, dw, inner,
             _stream(dx2, x2, dy2), _threads())
     else:
-        group = _channel_group(x3, 2, _config.CPU_FUSED_BACKWARD_GROUP_BYTES)
-        _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, group,
+        _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _channel_group(x3),
                                     _config.CPU_BLOCK, _zero(x3),
                                     np.empty((C, 5), _arith(x3)), np.empty((C, 3)), np.empty(C),
                                     dx3, db, dw, _stream_slabs(dx3, x3, dy3))

@@ -1,8 +1,7 @@
-"""Groups of adjacent channels in the fused kernels (numbn._cpu._channel_group):
+"""Groups of adjacent channels in the fused backward (numbn._cpu._channel_group):
 a group walked in memory order sums each channel chunk for chunk as a task
 of one channel does, so the results agree to rounding (the compiler may
-order the additions within a chunk differently in the two loops: float32
-y differed by one unit in the last place)."""
+order the additions within a chunk differently in the two loops)."""
 
 from __future__ import annotations
 
@@ -50,7 +49,7 @@ def test_a_group_gives_what_one_channel_a_task_gives(rng, tiny_tasks, fused, mon
     calls = []
 
     def chosen(size):
-        def _group(x3, arrays, budget):
+        def _group(x3):
             calls.append(size)
             return size
         return _group
@@ -59,7 +58,7 @@ def test_a_group_gives_what_one_channel_a_task_gives(rng, tiny_tasks, fused, mon
     alone = _results(x, w, b, dy, activation)
     monkeypatch.setattr(_cpu, "_channel_group", chosen(group))
     grouped = _results(x, w, b, dy, activation)
-    assert calls == [1] * 3 + [group] * 3  # every call took the fused kernels
+    assert calls == [1] * 2 + [group] * 2  # every backward took the fused kernel
     names = ("y", "mean", "invstd", "dx", "dweight", "dbias", "dx eval", "dweight eval",
              "dbias eval")
     for got, want, name in zip(grouped, alone, names):
@@ -85,25 +84,32 @@ def test_a_group_gives_what_one_channel_a_task_gives(rng, tiny_tasks, fused, mon
 
 
 def test_group_size(monkeypatch):
-    """As many channels as fit the budget, ``ceil(C / (threads * k))`` for the
-    least k; one for long runs or no budget."""
+    """As many channels as keep their slabs of x and dy within the budget,
+    ``ceil(C / (threads * k))`` for the least k; one for long runs or no
+    budget."""
     threads = _cpu._threads()
     x3 = np.zeros((4, 64, 10), np.float32)
-    slab = 4 * 10 * 4
+    slabs = 2 * 4 * 10 * 4  # x and dy
     whole = -(-64 // threads)
     half = -(-64 // (2 * threads))
-    assert _cpu._channel_group(x3, 1, 1 << 40) == whole
-    assert _cpu._channel_group(x3, 1, half * slab) == half
-    assert _cpu._channel_group(x3, 2, 2 * half * slab) == half  # x and dy
-    smaller = _cpu._channel_group(x3, 1, half * slab - 1)
-    assert 1 <= smaller < half and smaller * slab < half * slab
-    assert _cpu._channel_group(x3, 1, 0) == 1
-    many = np.zeros((2, 100_000, 3), np.float32)  # 24-byte slabs
-    assert 5 <= _cpu._channel_group(many, 1, 10 * 24) <= 10
+
+    def group(budget):
+        monkeypatch.setattr(_config, "CPU_FUSED_GROUP_BYTES", budget)
+        return _cpu._channel_group(x3)
+
+    assert group(1 << 40) == whole
+    assert group(half * slabs) == half
+    smaller = group(half * slabs - 1)
+    assert 1 <= smaller < half
+    assert group(0) == 1
+    many = np.zeros((2, 100_000, 3), np.float32)  # 48 bytes of x and dy a channel
+    monkeypatch.setattr(_config, "CPU_FUSED_GROUP_BYTES", 10 * 48)
+    assert 5 <= _cpu._channel_group(many) <= 10
+    monkeypatch.setattr(_config, "CPU_FUSED_GROUP_BYTES", 1 << 40)
     monkeypatch.setattr(_config, "CPU_FUSED_GROUP_MAX_RUN_BYTES", 40)  # runs of 40 bytes
-    assert _cpu._channel_group(x3, 1, 1 << 40) == 1
+    assert _cpu._channel_group(x3) == 1
     monkeypatch.setattr(_config, "CPU_FUSED_GROUP_MAX_RUN_BYTES", 41)
-    assert _cpu._channel_group(x3, 1, 1 << 40) == whole
+    assert _cpu._channel_group(x3) == whole
 
 
 def test_short_runs_past_the_cache_stay_fused():
