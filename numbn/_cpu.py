@@ -1800,7 +1800,10 @@ def _backward_vectors(mean, inv, w, b, c):
 @njit(inline="always")
 def _run_sums(dy, x, o, c, block, m, a, t, relu, zero):
     """:func:`_chunk_sums` of run ``(o, c)`` of ``dy`` and ``x`` (``(outer, C,
-    inner)``) added up in float64, in chunks of at most ``block`` values."""
+    inner)``) added up in float64, in chunks of at most ``block`` values. A
+    run that fits in one chunk is taken whole, without the chunk loop: with
+    it, the fused backward of (64, 256, 14, 14) float32 (196-value runs) took
+    1.10-1.15x as long (measured, one channel a task)."""
     inner = x.shape[2]
     if inner <= block:
         return _chunk_sums(dy[o, c], x[o, c], m, a, t, relu, zero)
