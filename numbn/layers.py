@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -86,7 +88,8 @@ class BatchNorm:
         checked at the next forward (both or neither, C floats, writable when
         updated).
     dtype : numpy dtype
-        Of the parameters and running statistics (float32 by default).
+        Of the parameters and running statistics (float32 by default, and
+        for None, as PyTorch's default dtype).
     backend : {"auto", "cpu", "cuda", "numpy"}
     activation : {None, "relu"}
         Fuse a ReLU after the normalisation.
@@ -96,9 +99,9 @@ class BatchNorm:
     ValueError
         Unknown convention or backend, ``num_features < 1``, a ``momentum``
         that is no number, ``momentum=None`` outside the torch convention, a
-        negative ``eps``.
+        negative ``eps``; the last three also when set after construction.
     TypeError
-        An ``eps`` that is not a real number.
+        An ``eps`` that is not a real number (also when set after).
 
     Examples
     --------
@@ -125,15 +128,11 @@ class BatchNorm:
         self.convention = conv
         self.num_features = int(num_features)
         self.momentum = conv.momentum if momentum is _DEFAULT else momentum
-        if self.momentum is None and not conv.momentum_is_new:
-            raise ValueError(f"momentum=None (cumulative average) is a torch convention; "
-                             f"{convention} needs a number")
-        self._factor(1)  # a momentum that is no number raises here, not at the first forward
-        self.eps = conv.eps if eps is _DEFAULT else _checks.eps(eps)
+        self.eps = conv.eps if eps is _DEFAULT else eps
         self.axis = conv.axis if axis is _DEFAULT else axis
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        self.dtype = np.dtype(dtype)
+        self.dtype = np.dtype(np.float32 if dtype is None else dtype)  # None: as PyTorch's default
         if self.dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float16, float32 or float64, not {self.dtype}")
         self.backend = _check_name(backend)
@@ -192,16 +191,45 @@ class BatchNorm:
         else:
             _engine("cuda").assign(held, value)
 
+    @property
+    def momentum(self):
+        """The convention's momentum (``CONVENTIONS``), checked when set, at
+        construction or after: a real number, or None (cumulative average)
+        in the torch convention. A ValueError otherwise, and the layer keeps
+        the momentum it had."""
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value) -> None:
+        if value is None:
+            if not self.convention.momentum_is_new:
+                raise ValueError(f"momentum=None (cumulative average) is a torch convention; "
+                                 f"{self.convention.name} needs a number")
+        else:
+            try:
+                _checks.momentum(value)
+            except TypeError:
+                raise ValueError(f"momentum must be a number (or None in the torch "
+                                 f"convention), got {value!r}") from None
+        self._momentum = value
+
+    @property
+    def eps(self) -> float:
+        """Added to the variance; checked when set, at construction or after
+        (a real number, 0 or more: TypeError, ValueError), so a bad one
+        never reaches a forward."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value) -> None:
+        self._eps = _checks.eps(value)
+
     def _factor(self, tracked: int) -> float:
         """Weight of the new batch in the running-statistics update that
         makes ``num_batches_tracked`` equal ``tracked``."""
-        if self.momentum is None:
+        if self._momentum is None:
             return 1.0 / tracked
-        try:
-            m = float(self.momentum)
-        except (TypeError, ValueError):
-            raise ValueError(f"momentum must be a number (or None in the torch convention), "
-                             f"got {self.momentum!r}") from None
+        m = float(self._momentum)
         return m if self.convention.momentum_is_new else 1.0 - m
 
     # -- freezing for fine-tuning ------------------------------------------
@@ -327,6 +355,8 @@ class BatchNorm:
         vectors, no affine and no running statistics, has nothing else to
         check C by)."""
         axis = self.axis
+        if (self.running_mean is None) != (self.running_var is None):
+            return None  # set by hand, one of them: _forward says so
         if not self._use_batch():
             y = _direct_infer(x, self.running_mean, self.running_var, self.weight, self.bias,
                               self.eps, axis, self.backend, self.activation,
@@ -371,8 +401,9 @@ class BatchNorm:
 
     def _save_running(self, x, axis: int) -> None:
         """What the backward of an eval-mode forward needs: x and the running
-        statistics as float64 mean and invstd."""
-        mean = np.asarray(_engine_host(self.running_mean), np.float64)
+        statistics as float64 mean and invstd, copies (a float64 layer's
+        running mean changed after the forward does not change the backward)."""
+        mean = np.array(_engine_host(self.running_mean), np.float64)
         invstd = 1.0 / np.sqrt(np.asarray(_engine_host(self.running_var), np.float64)
                                + self.eps)
         self._saved = (x, mean, invstd, False, axis)
@@ -383,8 +414,6 @@ class BatchNorm:
         statistics, and what the backward needs."""
         count = self._updates() and self.num_batches_tracked is not None
         update = self._updates_running()
-        # The factor first: a bad momentum (set after construction) raises
-        # before anything changes.
         factor = self._factor(self.num_batches_tracked + 1 if count else 1) if update else None
         if self._observer is not None:
             self._observer(self, mean, var, n)
@@ -451,11 +480,15 @@ class BatchNorm:
     # -- state dict and files ----------------------------------------------
 
     def _expected_state(self) -> dict:
+        """The state's keys and shapes: those of the parameters and buffers
+        the layer has. As in PyTorch, one set to None is not part of the
+        state (running statistics set to None, say), so such a layer's state
+        loads back into it."""
         shapes = {}
-        if self.affine:
-            shapes["weight"] = shapes["bias"] = (self.num_features,)
-        if self.track_running_stats:
-            shapes["running_mean"] = shapes["running_var"] = (self.num_features,)
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(self, key) is not None:
+                shapes[key] = (self.num_features,)
+        if self.num_batches_tracked is not None:
             shapes["num_batches_tracked"] = ()
         return shapes
 
@@ -546,13 +579,36 @@ class BatchNorm:
         """Read a file written by :meth:`save` (or any ``.npz`` of a state dict),
         by the path given to :meth:`save`: ``.npz`` appended when that path is
         not a file and does not end in it. ``path`` may be a file object
-        open for binary reading, as :meth:`save` takes one."""
+        open for binary reading, as :meth:`save` takes one.
+
+        Raises
+        ------
+        ValueError
+            The file is no ``.npz`` archive (a ``.npy`` array, text, a
+            truncated zip), or holds a state that does not fit the layer
+            (:meth:`load_state_dict`); the layer is left untouched.
+        OSError
+            The file cannot be read (``FileNotFoundError`` when it is missing).
+        """
         if not hasattr(path, "read"):
             path = os.fsdecode(path)
             if not os.path.isfile(path) and not path.endswith(".npz"):
                 path += ".npz"
-        with np.load(path, allow_pickle=False) as f:
-            self.load_state_dict({k: f[k] for k in f.files})
+        with contextlib.ExitStack() as stack:
+            # Opened here, so that it is closed also when NumPy cannot read it
+            # (np.load left a truncated zip's file open).
+            fh = path if hasattr(path, "read") else stack.enter_context(open(path, "rb"))
+            try:
+                f = np.load(fh, allow_pickle=False)
+            except (ValueError, zipfile.BadZipFile) as e:
+                # NumPy's words for a file that is neither .npy nor .npz speak
+                # of pickled data, which a state file never holds.
+                raise ValueError(f"{path!r} is not an .npz file of a state (as save or "
+                                 f"np.savez writes): {e}") from None
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise ValueError(f"{path!r} holds one array (.npy), not an .npz file of a state")
+            with f:
+                self.load_state_dict({k: f[k] for k in f.files})
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, convention={self.convention.name!r}, "

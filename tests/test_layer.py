@@ -234,24 +234,130 @@ def test_save_load_file_objects(rng):
         np.testing.assert_array_equal(other.state_dict()[k], v)
 
 
-@pytest.mark.parametrize("momentum", ["fast", [0.1], object()])
+@pytest.mark.parametrize("momentum", ["fast", "0.5", [0.1], object(), True])
 def test_momentum_that_is_no_number(momentum, rng):
-    """Refused when the layer is made; set later, the training forward
-    raises before it changes anything (it used to count the batch first)."""
+    """Refused when the layer is made and when set later, at the assignment,
+    which leaves the momentum the layer had (set later, it used to be
+    checked only at the next training forward)."""
     with pytest.raises(ValueError, match="momentum must be a number"):
         numbn.BatchNorm(3, momentum=momentum)
     bn = numbn.BatchNorm(3)
-    bn.momentum = momentum
-    before = bn.state_dict()
     with pytest.raises(ValueError, match="momentum must be a number"):
-        bn(make(rng, (8, 3), np.float32))
-    for key, value in bn.state_dict().items():
-        np.testing.assert_array_equal(value, before[key])
-    with pytest.raises(RuntimeError, match="needs a forward"):
-        bn.backward(np.ones((8, 3), np.float32))
-    bn.momentum = "0.5"  # a number as text converts, as float() takes it
+        bn.momentum = momentum
+    assert bn.momentum == 0.1
+    bn.momentum = np.float32(0.5)  # NumPy scalars and 0-d arrays are numbers
     bn(make(rng, (8, 3), np.float32))
     assert bn.num_batches_tracked == 1
+
+
+@pytest.mark.parametrize("convention", ["keras", "paddle", "flax"])
+def test_momentum_none_set_later_outside_torch(convention, rng):
+    """momentum=None (the cumulative average) is torch's: refused for the
+    other conventions when set later as when the layer is made (set later,
+    it was taken, and the torch average ran under another convention)."""
+    with pytest.raises(ValueError, match="is a torch convention"):
+        numbn.BatchNorm(2, convention=convention, momentum=None)
+    bn = numbn.BatchNorm(2, convention=convention)
+    with pytest.raises(ValueError, match="is a torch convention"):
+        bn.momentum = None
+    assert bn.momentum == numbn.CONVENTIONS[convention].momentum
+    torch_bn = numbn.BatchNorm(2)
+    torch_bn.momentum = None
+    torch_bn(make(rng, (6, 2), np.float32))
+    assert torch_bn.momentum is None and torch_bn.num_batches_tracked == 1
+
+
+@pytest.mark.parametrize("eps,error", [(-1.0, ValueError), (float("nan"), ValueError),
+                                       ("1e-3", TypeError), (None, TypeError)])
+def test_eps_set_later_is_checked(eps, error, rng):
+    """An eps set after construction is checked as the constructor checks
+    one (a negative eps set later gave NaN output and still updated the
+    running statistics)."""
+    with pytest.raises(error, match="eps"):
+        numbn.BatchNorm(3, eps=eps)
+    bn = numbn.BatchNorm(3)
+    with pytest.raises(error, match="eps"):
+        bn.eps = eps
+    assert bn.eps == 1e-5
+    bn.eps = np.float64(0.0)
+    assert type(bn.eps) is float and bn.eps == 0.0
+
+
+def test_dtype_none_is_float32():
+    """dtype=None is the default dtype, float32, as in PyTorch (NumPy's
+    np.dtype(None) is float64)."""
+    bn = numbn.BatchNorm(3, dtype=None)
+    assert bn.dtype == np.float32 and bn.weight.dtype == np.float32
+
+
+def test_state_of_a_layer_without_running_statistics_loads_back(tmp_path, rng):
+    """Running statistics set to None are left out of the state, as PyTorch
+    leaves None buffers out of its state_dict; the state loads back into the
+    layer and its file too (it held NaN scalars that the layer refused)."""
+    bn = numbn.BatchNorm(3)
+    bn(make(rng, (6, 3), np.float32))
+    bn.running_mean = bn.running_var = None
+    state = bn.state_dict()
+    assert sorted(state) == ["bias", "num_batches_tracked", "weight"]
+    other = numbn.BatchNorm(3)
+    other.running_mean = other.running_var = None
+    other.load_state_dict(state)
+    assert other.num_batches_tracked == 1
+    bn.save(tmp_path / "bn.npz")
+    other.load(tmp_path / "bn.npz")
+    with pytest.raises(ValueError, match=r"unexpected \['running_mean', 'running_var'\]"):
+        other.load_state_dict(numbn.BatchNorm(3).state_dict())
+    assert other.running_mean is None and other.running_var is None
+
+
+def _npy(path):
+    with open(path, "wb") as f:  # np.save would append .npy to the name
+        np.save(f, np.zeros(3, np.float32))
+
+
+def _text(path):
+    path.write_text("weight 1 1 1\n")
+
+
+def _truncated(path):
+    numbn.BatchNorm(3).save(path)
+    path.write_bytes(path.read_bytes()[:40])
+
+
+@pytest.mark.parametrize("write,pattern", [
+    (_npy, r"holds one array \(\.npy\)"),
+    (_text, "is not an .npz file of a state"),
+    (_truncated, "is not an .npz file of a state"),
+])
+def test_load_of_a_file_that_is_no_state(write, pattern, tmp_path, rng):
+    """A file that is not an .npz archive: a ValueError that says so (a .npy
+    file gave a TypeError about the context-manager protocol, a text file
+    NumPy's words about pickled data), the layer untouched."""
+    path = tmp_path / "state.npz"
+    write(path)
+    bn = numbn.BatchNorm(3)
+    bn(make(rng, (6, 3), np.float32))
+    before = bn.state_dict()
+    with pytest.raises(ValueError, match=pattern):
+        bn.load(path)
+    for key, value in bn.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+def test_eval_backward_keeps_the_forwards_running_statistics(rng):
+    """The backward of an eval forward uses the running statistics as they
+    were at that forward, also in a float64 layer, whose running mean the
+    forward could have kept without a copy."""
+    bn = numbn.BatchNorm(3, dtype=np.float64).eval()
+    bn.running_mean[:] = [0.5, -1.0, 2.0]
+    x = make(rng, (6, 3), np.float64)
+    dy = make(rng, (6, 3), np.float64)
+    bn(x)
+    bn.backward(dy)
+    want = bn.grad_weight.copy()
+    bn.running_mean[:] = 100.0
+    bn.backward(dy)
+    np.testing.assert_array_equal(bn.grad_weight, want)
 
 
 def test_repr():
@@ -278,6 +384,7 @@ def test_running_stats_set_to_none_mean_batch_statistics(rng):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("change,error,pattern", [
     (lambda bn: setattr(bn, "running_var", None), ValueError, "must both be arrays or both None"),
+    (lambda bn: setattr(bn, "running_mean", None), ValueError, "must both be arrays or both None"),
     (lambda bn: setattr(bn, "running_mean", np.zeros(2, np.float32)), ValueError,
      r"running_mean must have shape \(3,\)"),
     (lambda bn: setattr(bn, "running_var", np.ones(4, np.float32)), ValueError,
