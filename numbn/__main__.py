@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import platform
 import sys
 
@@ -39,6 +41,11 @@ def _info(args) -> int:
 def _bench(args) -> int:
     from numbn import _bench
 
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        # Said before the benchmark runs, not after it.
+        print("numbn bench --plot needs matplotlib: pip install 'numbn[bench]'",
+              file=sys.stderr)
+        return 2
     rows = _bench.run(backends=args.backend, quick=args.quick, repeat=args.repeat,
                       peers=not args.no_torch, progress=not args.no_progress,
                       dtype=args.dtype)
@@ -66,9 +73,10 @@ def _check(args) -> int:
             if args.verbose or not ok:
                 print(f"{'PASS' if ok else 'FAIL'}  {name}  {detail}", flush=True)
 
-    from numbn import available_backends
+    from numbn import available_backends, set_backend
 
-    for backend in args.backend or available_backends():
+    backends = args.backend or available_backends()
+    for backend in backends:
         print(f"numbn check: {backend} (a first run compiles its kernels, which can take "
               "minutes)", file=sys.stderr, flush=True)
         report(_check.run_cases([backend], rng))
@@ -77,10 +85,21 @@ def _check(args) -> int:
     except ImportError:
         pass
     else:
-        report((f"tools {name}", ok, detail) for name, ok, detail in tool_checks(rng))
+        # On the first backend asked for, not the process default
+        # (NUMBN_BACKEND), which --backend would not otherwise reach.
+        with set_backend(backends[0]):
+            report((f"tools ({backends[0]}) {name}", ok, detail)
+                   for name, ok, detail in tool_checks(rng))
     failed = results.count(False)
     print(f"{len(results) - failed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -90,7 +109,7 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, backends, threads, GPU")
     b = sub.add_parser("bench", help="time every backend beside PyTorch")
     b.add_argument("--quick", action="store_true", help="smaller batches, fewer runs")
-    b.add_argument("--repeat", type=int, help="runs per measurement (median)")
+    b.add_argument("--repeat", type=_positive, help="runs per measurement (median)")
     b.add_argument("--backend", action="append", choices=["cpu", "cuda", "numpy"],
                    help="only this backend (repeatable); default: all available")
     b.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"],
@@ -113,7 +132,11 @@ def main(argv=None) -> int:
             print(f"numbn {args.command}: backend 'cuda' is unavailable here: {reason}",
                   file=sys.stderr)
             return 2
-    return {"info": _info, "bench": _bench, "check": _check}[args.command](args)
+    try:
+        return {"info": _info, "bench": _bench, "check": _check}[args.command](args)
+    except BrokenPipeError:  # the reader went away (numbn info | head): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -203,7 +203,10 @@ def run(backends=None, quick=False, repeat=None, peers=True, progress=True, say=
     dtype = np.dtype(dtype).name
     backends = [b for b in (backends or numbn.available_backends())]
     cases = cases or (QUICK if quick else STANDARD)
-    repeat = repeat or (5 if quick else 25)
+    if repeat is None:
+        repeat = 5 if quick else 25
+    elif repeat < 1:
+        raise ValueError(f"repeat must be 1 or more, not {repeat}")
     use_torch = peers and has_torch()
     say(f"numbn bench: backends {', '.join(backends)}"
         + (", beside PyTorch" if use_torch else " (PyTorch not installed: no peer column)")

@@ -6,7 +6,11 @@ whole batch, so the result is that of one :class:`~numbn.BatchNorm` run on the
 concatenated batch. mpi4py is imported only when a layer is made without a
 communicator, never by ``import numbn``.
 
-Communication, per training step:
+Communication, per training step (and once, at a layer's first synchronised
+training forward, a small ``allgather`` of its ``num_features``: ranks whose
+layers differ in C would send rows of different lengths below, which MPI
+either truncates, aborting the job, or reads misaligned; every rank raises
+instead):
 
 * forward: one ``Allgather`` of ``(status, count, machine, mean[C], var[C])``
   from every rank (2C + 3 float64 values each), then every rank merges the per-rank
@@ -260,6 +264,8 @@ class SyncBatchNorm(BatchNorm):
         # Eval mode, a frozen layer (BatchNorm.freeze) and one rank: nothing to share.
         if not self.training or getattr(self, "_frozen", False) or self.comm.Get_size() == 1:
             return super().forward(x)
+        if self._agreed != self.num_features:
+            self._agree_on_features()
         eng = None
         gathered = None  # what the collective gave, once it is behind us
 
@@ -279,6 +285,7 @@ class SyncBatchNorm(BatchNorm):
                                         self.activation)
             self._check_running()
             eng = _engine(resolve(self.backend, x))
+            self._place(x)  # device input: parameters and statistics to the device, as BatchNorm
             if _empty(x):  # take part in the collective; nothing to launch
                 c = self.num_features
                 mean, var, n, _ = combine(np.zeros(c), np.full(c, np.nan), 0)
@@ -294,6 +301,24 @@ class SyncBatchNorm(BatchNorm):
         self._after_batch(x, mean, var, n, axis)  # with the global statistics and count
         self._saved = _Synced(self._saved, n, gathered[3])
         return y
+
+    #: The ``num_features`` that every rank's layer was found to share
+    #: (:meth:`_agree_on_features`); None until the first synchronised step.
+    _agreed = None
+
+    def _agree_on_features(self) -> None:
+        """Check, on every rank alike, that all the ranks' layers have this
+        layer's ``num_features``: the forward's collective sends ``2C + 3``
+        values a rank, so with another C one rank read the others' rows
+        misaligned (and uninitialised memory) while another failed or MPI
+        aborted the job. One small pickled collective, at the first
+        synchronised training forward (again if ``num_features`` changes)."""
+        counts = self.comm.allgather(self.num_features)
+        if any(c != counts[0] for c in counts):
+            held = ", ".join(f"rank {r} {c}" for r, c in enumerate(counts))
+            raise ValueError(f"SyncBatchNorm.forward: every rank's layer must have the same "
+                             f"num_features; got {held}")
+        self._agreed = self.num_features
 
     def _gather_stats(self, mean, var, count, status, x, exc=None):
         """The forward's one collective: ``(mean, var, count)`` of all ranks

@@ -115,3 +115,56 @@ def test_bench_plot_without_matplotlib(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                        timeout=300, cwd=tmp_path)
     assert r.returncode != 0 and "needs matplotlib" in r.stderr
+
+
+@pytest.mark.parametrize("repeat", ["0", "-3"])
+def test_bench_repeat_must_be_positive(repeat):
+    """--repeat below 1: argparse's error, exit 2, nothing timed (-3 printed a
+    table of NaN, 0 ran the default while the header said so)."""
+    r = _numbn("bench", "--quick", "--repeat", repeat, "--backend", "cpu", "--no-torch")
+    assert r.returncode == 2 and r.stdout == ""
+    assert f"--repeat: must be 1 or more, not {repeat}" in r.stderr
+
+
+def test_bench_plot_without_matplotlib_says_so_first(tmp_path):
+    """`numbn bench --plot` without matplotlib: said before the benchmark
+    runs (it was said after the whole run), exit 2."""
+    script = tmp_path / "nompl_cli.py"
+    script.write_text(
+        "import sys\n"
+        "sys.modules['matplotlib'] = None\n"
+        "from numbn.__main__ import main\n"
+        "sys.exit(main(['bench', '--quick', '--backend', 'cpu', '--plot', 'x.png']))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert "needs matplotlib" in r.stderr
+
+
+def test_check_tools_run_on_the_backend_asked_for(tmp_path):
+    """The tool checks (folding, recalibrate) of `numbn check --backend cpu`
+    run on the CPU backend, not the process default: with the default set
+    to a CUDA that cannot run here, they failed (and the command exited 1)."""
+    script = tmp_path / "tools.py"
+    script.write_text(
+        "import sys, numbn\n"
+        "from numbn import _dispatch\n"
+        "_dispatch.cuda_unavailable_reason = lambda: 'no CUDA GPU was found'\n"
+        "numbn.set_backend('cuda')\n"
+        "from numbn.__main__ import main\n"
+        "sys.exit(main(['check', '--backend', 'cpu', '-v']))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    tools = [line for line in r.stdout.splitlines() if " tools " in line]
+    assert len(tools) == 4 and all(line.startswith("PASS  tools (cpu) ") for line in tools)
+
+
+def test_info_into_a_closed_pipe_is_quiet():
+    """`numbn info | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    with subprocess.Popen([sys.executable, "-m", "numbn", "info"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        proc.stdout.close()  # before numbn has printed anything (its imports take a while)
+        err = proc.stderr.read()
+        proc.wait(timeout=300)
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -231,18 +231,19 @@ def test_threads_equal_batchnorm_on_the_whole_batch(convention, sizes):
     ref.weight[...] = rng.uniform(0.5, 2, 3)
     for bn in layers:
         bn.weight[...] = ref.weight
-    for _ in range(2):
+    for step in range(2):
         x = rng.standard_normal((sum(sizes),) + SHAPES[convention][1:]) * 3 + 2
         dy = rng.standard_normal(x.shape)
         y_ref, dx_ref = ref(x), ref.backward(dy)
         world.calls.clear()
 
-        def step(comm, x=x, dy=dy):
+        def run(comm, x=x, dy=dy):
             bn, part = layers[comm.rank], _slices(sizes)[comm.rank]
             return bn(x[part]), bn.backward(dy[part])
 
-        results = world.run(step)
-        assert world.calls == ["Allgather", "Allreduce"]
+        results = world.run(run)
+        # The first step also checks that the ranks' layers agree on C.
+        assert world.calls == ["allgather"] * (step == 0) + ["Allgather", "Allreduce"]
         for (y, dx), part in zip(results, _slices(sizes), strict=True):
             np.testing.assert_allclose(y, y_ref[part], rtol=TOL64, atol=TOL64)
             np.testing.assert_allclose(dx, dx_ref[part], rtol=TOL64, atol=TOL64)
@@ -304,6 +305,27 @@ def test_threads_bad_input_on_one_rank_raises_everywhere(case, kind, match):
         assert match in str(exc)
     for bn in layers:
         assert bn.num_batches_tracked == 0
+        np.testing.assert_array_equal(bn.running_mean, 0)
+
+
+@pytest.mark.parametrize("features", [(3, 2), (2, 3), (3, 3, 4)])
+def test_threads_layers_with_other_channel_counts_raise_everywhere(features):
+    """Ranks whose layers differ in num_features, each given input that fits
+    its own layer: every rank raises the same error, nothing hangs and
+    nothing changes (under MPI one rank returned statistics read from
+    misaligned rows while another raised a dtype error, then the job hung;
+    the other way round MPI aborted it)."""
+    world = ThreadWorld(len(features))
+    layers = [numbn.SyncBatchNorm(c, comm=ThreadComm(world, r), backend="numpy")
+              for r, c in enumerate(features)]
+    results = world.run(lambda comm: layers[comm.rank](np.ones((4, features[comm.rank]))))
+    held = ", ".join(f"rank {r} {c}" for r, c in enumerate(features))
+    for exc in results:
+        assert isinstance(exc, ValueError), exc
+        assert f"must have the same num_features; got {held}" in str(exc)
+    assert world.calls == ["allgather"]
+    for bn in layers:
+        assert bn.num_batches_tracked == 0 and bn._saved is None
         np.testing.assert_array_equal(bn.running_mean, 0)
 
 

@@ -141,7 +141,8 @@ def check_matches(convention, dtype, kind, *, n=11, steps=3, seed=0, **kw):
         dx = bn.backward(mine(dyg, sizes))
         calls_bwd = comm.take()
         at = f"{what} step {step}"
-        equal(calls_fwd, ["Allgather"], f"{at}: forward collectives")
+        # The first step also checks that the ranks' layers agree on C.
+        equal(calls_fwd, ["allgather"] * (step == 0) + ["Allgather"], f"{at}: forward collectives")
         equal(calls_bwd, ["Allreduce"], f"{at}: backward collectives")
         equal(y.dtype, np.dtype(dtype), f"{at}: y dtype")
         equal(dx.dtype, np.dtype(dtype), f"{at}: dx dtype")
@@ -277,6 +278,23 @@ def check_recalibrate():
     equal(bn.num_batches_tracked, ref.num_batches_tracked, "recalibrate: num_batches_tracked")
 
 
+def check_other_features():
+    """Layers that differ in num_features across the ranks, each given input
+    that fits it: every rank raises the same ValueError and the job goes on
+    (MPI aborted it, or one rank read misaligned rows while another raised,
+    and the job hung)."""
+    bn = numbn.SyncBatchNorm(C + RANK, comm=WORLD)
+    try:
+        bn(np.ones((4, C + RANK), np.float32))
+    except ValueError as exc:
+        held = ", ".join(f"rank {r} {C + r}" for r in range(SIZE))
+        equal(f"the same num_features; got {held}" in str(exc), True,
+              f"other num_features: the message ({exc})")
+    else:
+        fail("other num_features: no error")
+    equal(bn.num_batches_tracked, 0, "other num_features: nothing counted")
+
+
 def check_cuda():
     """Device arrays (numba's; the simulator under NUMBA_ENABLE_CUDASIM=1): same results."""
     if "cuda" not in numbn.available_backends():
@@ -299,9 +317,14 @@ def check_cuda():
             y = bn(cuda.to_device(np.ascontiguousarray(mine(xg, sizes))))
             dx = bn.backward(cuda.to_device(np.ascontiguousarray(mine(dyg, sizes))))
             equal(is_device_array(y) and is_device_array(dx), True, f"{what}: device arrays out")
+            # As BatchNorm: parameters, statistics and gradients on the device
+            # (they stayed NumPy arrays with more than one rank).
+            held = (bn.weight, bn.running_mean, bn.running_var, bn.grad_weight, bn.grad_bias)
+            equal(all(map(is_device_array, held)), True, f"{what}: layer arrays on the device")
             close(y.copy_to_host(), mine(y_ref, sizes), TOL[dtype], f"{what} step {step}: y")
             close(dx.copy_to_host(), mine(dx_ref, sizes), TOL[dtype], f"{what} step {step}: dx")
-            close(bn.running_var, ref.running_var, TOL[dtype], f"{what} step {step}: running_var")
+            close(bn.running_var.copy_to_host(), ref.running_var, TOL[dtype],
+                  f"{what} step {step}: running_var")
 
 
 CHECKS = [
@@ -319,6 +342,7 @@ CHECKS = [
     check_bad_input,
     check_frozen,
     check_recalibrate,
+    check_other_features,
     check_cuda,
 ]
 
