@@ -26,6 +26,11 @@ def _info(args) -> int:
     for name in _dispatch.BACKENDS:
         reason = _dispatch.cuda_unavailable_reason() if name == "cuda" else None
         print(f"  {name:<6} {'available' if reason is None else 'unavailable: ' + reason}")
+    try:
+        default = _dispatch.get_backend()
+    except ValueError as exc:  # a typo in NUMBN_BACKEND: every call would raise it
+        default = f"none: {exc}"
+    print(f"default backend: {default}")
     _cpu.stats(np.zeros((2, 1, 1), np.float32))  # the threading layer exists after a launch
     print(f"threads {numba.get_num_threads()} (threading layer: {numba.threading_layer()})")
     try:

@@ -27,8 +27,17 @@ def _check_name(name: str, where: str = "") -> str:
     return name
 
 
-_default = _check_name(os.environ.get("NUMBN_BACKEND", "auto").strip().lower() or "auto",
-                       " in the environment variable NUMBN_BACKEND")
+#: The default backend: ``NUMBN_BACKEND``'s, else "auto". Not checked here
+#: but where it is used (:func:`_checked_default`): a typo in the variable
+#: makes every call that takes the default raise, while ``import numbn``
+#: and ``numbn info`` (which says what is wrong) still work.
+_default = os.environ.get("NUMBN_BACKEND", "auto").strip().lower() or "auto"
+
+
+def _checked_default() -> str:
+    """The default backend; a ValueError that names ``NUMBN_BACKEND`` when
+    the variable set it to no backend (:func:`set_backend` checks its own)."""
+    return _check_name(_default, " in the environment variable NUMBN_BACKEND")
 
 
 class _BackendSetting(AbstractContextManager):
@@ -74,8 +83,15 @@ def set_backend(name: str) -> _BackendSetting:
 
 
 def get_backend() -> str:
-    """The default backend now in force (``"auto"`` unless set)."""
-    return _default
+    """The default backend now in force (``"auto"`` unless set).
+
+    Raises
+    ------
+    ValueError
+        ``NUMBN_BACKEND`` names no backend (and :func:`set_backend` has not
+        set one since).
+    """
+    return _checked_default()
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -133,7 +149,7 @@ def resolve(backend: str, x) -> str:
         return "cpu"  # the common case, without the general checks below
     name = _check_name(backend)
     if name == "auto":
-        name = _default
+        name = _checked_default()
     device = is_device_array(x)
     if name == "auto":
         if device:
@@ -148,6 +164,10 @@ def resolve(backend: str, x) -> str:
         if reason is not None:
             raise BackendUnavailableError(f"backend 'cuda' is unavailable: {reason}")
     elif device:
+        if backend == "auto":  # the default chose it
+            raise TypeError(f"x is a CUDA device array ({type(x).__name__}); the default "
+                            f"backend {name!r} (set_backend or NUMBN_BACKEND) takes NumPy "
+                            "arrays: pass backend='cuda', or set the default to 'auto'")
         raise TypeError(f"x is a CUDA device array ({type(x).__name__}); backend {name!r} "
                         "takes NumPy arrays: use backend='cuda' or 'auto'")
     return name

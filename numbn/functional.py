@@ -21,7 +21,7 @@ import functools
 import numpy as np
 
 from . import _checks, _dispatch, _reference
-from ._dispatch import resolve
+from ._dispatch import is_device_array, resolve
 from ._layout import Plan, contiguous_view, dense_view, empty
 from ._reference import _quiet
 
@@ -203,6 +203,7 @@ def _train(x, weight, bias, eps, axis, backend, out, relu, combine=None):
     normalisation, for the CPU kernels' choice of stores (``_cpu._stream``).
     """
     name = resolve(backend, x)
+    _host_arrays(name, out=out)
     if name == "numpy":
         return _train_reference(x, weight, bias, eps, axis, out, relu, combine)
     eng = _engine(name)
@@ -221,6 +222,19 @@ def _train(x, weight, bias, eps, axis, backend, out, relu, combine=None):
 
 
 @_quiet
+def _host_arrays(name: str, **arrays) -> None:
+    """On a host backend (NumPy ``x``), a TypeError that names an ``out`` or
+    ``dy`` in CUDA memory, before anything is written: Numba's own error
+    ("can't unbox array from PyObject") named neither. The other way round,
+    device ``x`` with NumPy ``out`` or ``dy``, the device engine copies."""
+    if name in ("cpu", "numpy"):
+        for key, a in arrays.items():
+            if a is not None and is_device_array(a):
+                raise TypeError(f"{key} is a CUDA device array ({type(a).__name__}) but x is "
+                                f"a NumPy array: pass both in host memory, or both on the "
+                                f"device")
+
+
 def _train_two_pass(eng, kern, x3, weight, bias, eps, relu, y3, count, combine):
     """The statistics, ``combine``, then the normalisation: two kernel calls."""
     c = x3.shape[1]
@@ -252,6 +266,7 @@ def _train_reference(x, weight, bias, eps, axis, out, relu, combine):
 def _infer(x, mean, var, weight, bias, eps, axis, backend, out, relu):
     """Inference forward of a validated call, with ``mean`` and ``var`` given."""
     name = resolve(backend, x)
+    _host_arrays(name, out=out)
     if name == "numpy":
         return _infer_reference(x, mean, var, weight, bias, eps, axis, out, relu)
     eng = _engine(name)
@@ -615,6 +630,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
     if training:
         _checks.training_count(x.shape, axis)
     name = resolve(backend, x)
+    _host_arrays(name, dy=dy)
     if name == "numpy":
         dx, dw, db = _backward_reference(dy, x, mean, invstd, weight, bias, training, axis,
                                          activation)

@@ -66,9 +66,34 @@ def test_environment_variable():
 
 
 def test_environment_variable_unknown_is_an_error():
-    r = _run("import numbn", NUMBN_BACKEND="quantum")
-    assert r.returncode != 0 and "unknown backend 'quantum' in the environment variable " \
-        "NUMBN_BACKEND" in r.stderr, r.stderr
+    """A NUMBN_BACKEND that names no backend: every call that takes the
+    default raises a ValueError that names the variable, before anything is
+    written, while the import and `numbn info` (which says so) still work
+    (the import raised, and with it every command) and set_backend mends it."""
+    code = """if True:
+        import numpy as np, numbn
+        x = np.ones((4, 3), np.float32)
+        out = np.zeros_like(x)
+        for call in (numbn.get_backend, lambda: numbn.batch_norm(x, training=True, out=out),
+                     lambda: numbn.BatchNorm(3)(x)):
+            try:
+                call()
+            except ValueError as exc:
+                print(exc)
+        assert not out.any()
+        print(numbn.batch_norm(x, training=True, backend="cpu").shape)
+        numbn.set_backend("auto")
+        print(numbn.get_backend(), numbn.batch_norm(x, training=True).shape)
+    """
+    r = _run(code, NUMBN_BACKEND="quantum")
+    want = ("unknown backend 'quantum' in the environment variable NUMBN_BACKEND; "
+            "choose one of auto, cpu, cuda, numpy")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [want] * 3 + ["(4, 3)", "auto (4, 3)"]
+    r = subprocess.run([sys.executable, "-m", "numbn", "info"], capture_output=True, text=True,
+                       env=dict(os.environ, NUMBN_BACKEND="quantum"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"default backend: none: {want}" in r.stdout
 
 
 def test_import_touches_no_gpu_and_compiles_nothing():
@@ -162,6 +187,41 @@ def test_layer_on_a_device_array_without_cuda(make, monkeypatch):
                for k in ("weight", "bias", "running_mean", "running_var"))
     with pytest.raises(TypeError, match="device array"):
         numbn.BatchNorm(3, backend="cpu")(_FakeDeviceArray())
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "numpy"])
+def test_device_out_or_dy_beside_numpy_x(backend, rng):
+    """NumPy x with out= or dy in CUDA memory: a TypeError that names which,
+    nothing written (Numba's own "can't unbox array" named neither)."""
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    for call in (lambda: numbn.batch_norm(x, rm, rv, training=True, out=_FakeDeviceArray(),
+                                          backend=backend),
+                 lambda: numbn.batch_norm(x, rm, rv, out=_FakeDeviceArray(), backend=backend),
+                 lambda: numbn.batch_norm_forward(x, out=_FakeDeviceArray(), backend=backend)):
+        with pytest.raises(TypeError, match=r"out is a CUDA device array \(_FakeDeviceArray\) "
+                                            "but x is a NumPy array"):
+            call()
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+    _, mean, invstd = numbn.batch_norm_forward(x)
+    with pytest.raises(TypeError, match="dy is a CUDA device array"):
+        numbn.batch_norm_backward(_FakeDeviceArray(), x, mean, invstd, backend=backend)
+    bn = numbn.BatchNorm(3, backend=backend)
+    bn(x)
+    with pytest.raises(TypeError, match="dy is a CUDA device array"):
+        bn.backward(_FakeDeviceArray())
+    assert bn.grad_weight is None
+
+
+def test_device_array_under_a_host_default_names_the_default(monkeypatch):
+    """A device array under backend="auto" with the default set to a host
+    backend: the message says the default chose it (it advised "use
+    backend='cuda' or 'auto'", which the call had done)."""
+    monkeypatch.setattr(_dispatch, "cuda_unavailable_reason", lambda: None)
+    with numbn.set_backend("numpy"), pytest.raises(
+            TypeError, match="the default backend 'numpy' \\(set_backend or NUMBN_BACKEND\\)"):
+        _dispatch.resolve("auto", _FakeDeviceArray())
 
 
 def test_unsupported_array_type():
