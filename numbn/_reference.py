@@ -43,11 +43,20 @@ def _vector(v, c: int, fill: float) -> np.ndarray:
 
 @_quiet
 def batch_stats(x: np.ndarray, axis: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-channel mean, biased variance and count, by the two-pass formula."""
+    """Per-channel mean, biased variance and count, by the corrected
+    two-pass formula: the deviations from the first mean also give that
+    mean's own error, their mean (NumPy sums an axis that is not the last
+    one element by element, so with a large mean against the spread the
+    first mean alone was off by 5e-9 of the spread in float64, 50 times the
+    CPU kernels' error). A channel whose first mean is not finite keeps it
+    (an infinite value's channel has mean inf, as in the kernels)."""
     flat = _channels_last(x, axis)
     mean = flat.mean(axis=0)
-    var = ((flat - mean) ** 2).mean(axis=0)
-    return mean, var, flat.shape[0]
+    dev = flat - mean
+    shift = dev.mean(axis=0)
+    # Never below 0, which rounding could give a constant channel (NaN stays NaN).
+    var = np.maximum((dev ** 2).mean(axis=0) - shift ** 2, 0.0)
+    return np.where(np.isfinite(shift), mean + shift, mean), var, flat.shape[0]
 
 
 @_quiet

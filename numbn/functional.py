@@ -587,10 +587,20 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
         backward of the inference form, statistics held constant).
     weight : array (C,), optional
     bias : array (C,), optional
-        Needed only with ``activation="relu"``, to recompute the ReLU mask.
+        Needed only with ``activation="relu"``, to recompute the ReLU mask
+        (the forward's bias: without it the mask is that of bias 0).
     training : bool
     axis, backend, activation
-        As in :func:`batch_norm`.
+        As in :func:`batch_norm`. With ``activation="relu"`` the mask is
+        recomputed from ``x``, ``mean``, ``invstd``, ``weight`` and ``bias``
+        as given. :func:`batch_norm_forward` normalises with its float64
+        statistics and returns them rounded to float32 for float16 and
+        float32 input, as PyTorch returns its own, so a value within that
+        rounding of the boundary (x equal to the rounded mean, say) can
+        fall on the other side of it here than in the forward's ``y``
+        (seen with data on a grid of 0.1 and 5 values a channel). The
+        layer keeps the float64 statistics for its backward, and its masks
+        agree with its outputs.
 
     Returns
     -------

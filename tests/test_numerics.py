@@ -105,6 +105,24 @@ def test_float64_exact(backend, rng):
     np.testing.assert_allclose(y, y_ref, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("shape,axis", [((64, 8, 16, 16), 1), ((64, 16, 16, 8), -1)])
+def test_float64_large_mean_against_extended_precision(backend, shape, axis, rng):
+    """Both host backends, the reference (the oracle) included, give the
+    mean of float64 input of mean 1e4 and spread 1e-2 to within two units
+    in its last place, and invstd to 1e-10, checked against long double:
+    the reference's first mean alone, NumPy's element-by-element sum over
+    the batch axis, was off by 5e-9 of the spread, about 27 units
+    (``_reference.batch_stats``' corrected two-pass)."""
+    x = 1e4 + 1e-2 * rng.standard_normal(shape)
+    flat = np.moveaxis(x, axis, -1).reshape(-1, shape[axis]).astype(np.longdouble)
+    m = flat.mean(axis=0)
+    v = ((flat - m) ** 2).mean(axis=0)
+    _, mean, invstd = numbn.batch_norm_forward(x, axis=axis, eps=0.0, backend=backend)
+    assert (np.abs(mean - m) <= 2 * np.spacing(mean)).all()
+    assert np.abs(invstd * np.sqrt(v) - 1).max() < 1e-10
+
+
 @pytest.mark.parametrize("C", [1, 2, 3])
 def test_small_c_split_over_threads(C, rng, tiny_tasks):
     """Small C with a large N*H*W splits each channel over tasks (merged by
