@@ -350,8 +350,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     Raises
     ------
     TypeError
-        Non-floating dtypes or unsupported array types; an ``eps`` (or, in
-        training, a ``momentum``) that is not a real number.
+        Non-floating dtypes or unsupported array types; an ``eps`` or a
+        ``momentum`` that is not a real number (None included, in eval mode
+        too, as in PyTorch).
     ValueError
         Wrong shapes, an axis out of range, fewer than two values per channel
         in training, eval mode without running statistics, a negative ``eps``.
@@ -370,8 +371,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     (array([0.45, 0.65], dtype=float32), array([2.21, 2.21], dtype=float32))
     """
     eps = _checks.eps(eps)
-    if training:
-        momentum = _checks.momentum(momentum)
+    momentum = _checks.momentum(momentum)  # also in eval, as PyTorch's batch_norm checks it
     target = _direct_out(out, x)
     if target is not False:
         y = _direct_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,

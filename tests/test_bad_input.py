@@ -107,6 +107,9 @@ BAD_CALLS = [
     ("momentum None", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"], training=True,
                                                  momentum=None),
      TypeError, "momentum must be a real number, got None"),
+    ("momentum None in eval", lambda a: numbn.batch_norm(a["x"], a["rm"], a["rv"],
+                                                         momentum=None),
+     TypeError, "momentum must be a real number, got None"),
     ("out with a zero stride", lambda a: numbn.batch_norm(
         a["x"], a["rm"], a["rv"], training=True,
         out=np.lib.stride_tricks.as_strided(np.empty(15, np.float32), (4, 3, 5), (0, 20, 4))),
