@@ -221,7 +221,6 @@ def _train(x, weight, bias, eps, axis, backend, out, relu, combine=None):
     return eng.finish(full, out, x), mean, var, count
 
 
-@_quiet
 def _host_arrays(name: str, **arrays) -> None:
     """On a host backend (NumPy ``x``), a TypeError that names an ``out`` or
     ``dy`` in CUDA memory, before anything is written: Numba's own error
@@ -235,6 +234,7 @@ def _host_arrays(name: str, **arrays) -> None:
                                 f"device")
 
 
+@_quiet
 def _train_two_pass(eng, kern, x3, weight, bias, eps, relu, y3, count, combine):
     """The statistics, ``combine``, then the normalisation: two kernel calls."""
     c = x3.shape[1]
