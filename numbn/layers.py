@@ -454,7 +454,18 @@ class BatchNorm:
         After a training forward this is the full BatchNorm backward; after an
         eval-mode forward it is the backward of the inference form (frozen
         statistics). Sets ``grad_weight`` and ``grad_bias`` (None without
-        ``affine``, and None while :meth:`freeze` is in effect).
+        ``affine``, and None while :meth:`freeze` is in effect), replacing
+        what a backward before set: sum them yourself to accumulate, as
+        PyTorch's ``.grad`` does.
+
+        The layer keeps what its last forward needs and nothing more, unlike
+        an autograd graph: ``x`` itself (no copy) and the statistics. So a
+        forward's backward must come before the layer's next forward (a
+        layer applied twice in one step, ``bn(x1); bn(x2)``, gives the
+        gradient of the second call for either ``dy``: use two layers that
+        share ``weight`` and ``bias``), and ``x`` must not be changed in
+        place in between (PyTorch raises there; here dx would be that of the
+        changed ``x``). Only ``dy``'s shape is checked against ``x``'s.
 
         Raises
         ------
