@@ -174,9 +174,11 @@ class ShortRuns(_Shapes):
     float32 on the CPU backend: the eval of 7x7 maps was 1.2-1.4x slower
     than PyTorch's until its kernels stopped slicing every run and left the
     rows view to the reductions (``_config.CPU_ROWS_ELEMENTWISE_MAX_INNER``).
-    The backward of (128, 512, 7, 7), x and dy beyond the cache, takes the
-    two-pass kernels (``_config.CPU_FUSED_BACKWARD_SCATTERED_RUN_BYTES``):
-    fused, it took 1.2-1.3x as long."""
+    Their backward takes the fused kernel a group of adjacent channels a
+    task (``_config.CPU_FUSED_GROUP_MAX_RUN_BYTES``,
+    ``CPU_FUSED_GROUP_BYTES``), also for (128, 512, 7, 7), whose x and dy
+    are beyond the cache: one channel a task, the two-pass kernels had
+    served it faster."""
 
     params = (["forward_train", "eval", "backward"],
               ["(256, 256, 7, 7)", "(64, 512, 7, 7)", "(128, 512, 7, 7)", "(256, 64, 8, 8)",

@@ -8,6 +8,7 @@ filled one.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -47,7 +48,8 @@ def _run(call, cache_dir):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     print(f"{'family':<22} {'cold s':>8} {'warm s':>8} {'new shape s':>12} {'import s':>9}")
     for name, call in FAMILIES.items():
         with tempfile.TemporaryDirectory() as cache:

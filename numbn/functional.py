@@ -355,7 +355,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         too, as in PyTorch).
     ValueError
         Wrong shapes, an axis out of range, fewer than two values per channel
-        in training, eval mode without running statistics, a negative ``eps``.
+        in training, eval mode without running statistics, one of the two
+        running statistics without the other, a read-only running statistic
+        in training, a negative ``eps``, an unknown ``backend`` or
+        ``activation``, an ``out`` that is read-only or overlaps ``x``
+        without being ``x``.
     BackendUnavailableError
         When the backend asked for cannot run here.
 

@@ -101,7 +101,8 @@ class BatchNorm:
         that is no number, ``momentum=None`` outside the torch convention, a
         negative ``eps``; the last three also when set after construction.
     TypeError
-        An ``eps`` that is not a real number (also when set after).
+        A ``dtype`` other than float16, float32 and float64; an ``eps`` that
+        is not a real number (also when set after).
 
     Examples
     --------
@@ -540,9 +541,11 @@ class BatchNorm:
         Raises
         ------
         ValueError
-            Missing or unexpected keys (``strict=True``), wrong shapes, wrong
-            dtypes, a ``num_batches_tracked`` that is not one integer of
-            int64's range; the layer is left untouched.
+            Missing or unexpected keys (``strict=True``), wrong shapes,
+            values that are not floating (they are cast to the layer's
+            dtype, as PyTorch's ``copy_`` casts), a ``num_batches_tracked``
+            that is not one integer of int64's range; the layer is left
+            untouched.
         """
         expected = self._expected_state()
         unexpected = sorted(set(state) - set(expected))

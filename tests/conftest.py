@@ -1,6 +1,7 @@
 """Shared test tables: tolerances per dtype, layouts, shapes, helpers.
 
-Every numeric comparison in the suite takes its tolerance from ``TOL`` here.
+The comparisons against the reference take their tolerance per dtype from
+``TOL`` here; tests of a particular numerical bound state their own.
 """
 
 from __future__ import annotations
