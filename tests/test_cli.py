@@ -15,6 +15,15 @@ def _numbn(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
+def _script(tmp_path, *lines, timeout=300):
+    """Run ``lines`` as a Python script of their own in ``tmp_path`` (a test's
+    setup, such as a patched module, then the command line's ``main``)."""
+    path = tmp_path / "script.py"
+    path.write_text("".join(line + "\n" for line in lines))
+    return subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path)
+
+
 def test_info():
     r = _numbn("info")
     assert r.returncode == 0, r.stderr
@@ -32,16 +41,13 @@ def test_check_passes():
 
 def test_check_fails_on_a_wrong_kernel(tmp_path):
     # A deliberately broken backend must make `numbn check` fail (exit 1).
-    script = tmp_path / "broken.py"
-    script.write_text(
-        "import sys, numpy as np\n"
-        "import numbn._cpu as cpu\n"
-        "real = cpu.stats\n"
-        "cpu.stats = lambda x3: tuple(v * 1.01 for v in real(x3))\n"
-        "from numbn.__main__ import main\n"
-        "sys.exit(main(['check', '--backend', 'cpu']))\n")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       timeout=600)
+    r = _script(tmp_path,
+                "import sys, numpy as np",
+                "import numbn._cpu as cpu",
+                "real = cpu.stats",
+                "cpu.stats = lambda x3: tuple(v * 1.01 for v in real(x3))",
+                "from numbn.__main__ import main",
+                "sys.exit(main(['check', '--backend', 'cpu']))", timeout=600)
     assert r.returncode == 1 and "FAIL" in r.stdout
 
 
@@ -49,15 +55,12 @@ def test_check_fails_on_a_wrong_kernel(tmp_path):
 def test_unavailable_backend_is_one_clear_line(command, tmp_path):
     """Asking for CUDA where it cannot run: one line that says why, exit 2,
     nothing run (`check` printed a failure per case, `bench` a traceback)."""
-    script = tmp_path / "nocuda.py"
-    script.write_text(
-        "import sys\n"
-        "from numbn import _dispatch\n"
-        "_dispatch.cuda_unavailable_reason = lambda: 'no CUDA GPU was found'\n"
-        "from numbn.__main__ import main\n"
-        f"sys.exit(main(['{command}', '--backend', 'cpu', '--backend', 'cuda']))\n")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       timeout=300)
+    r = _script(tmp_path,
+                "import sys",
+                "from numbn import _dispatch",
+                "_dispatch.cuda_unavailable_reason = lambda: 'no CUDA GPU was found'",
+                "from numbn.__main__ import main",
+                f"sys.exit(main(['{command}', '--backend', 'cpu', '--backend', 'cuda']))")
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stdout == ""
     assert r.stderr.strip() == (f"numbn {command}: backend 'cuda' is unavailable here: "
@@ -105,15 +108,12 @@ def test_bench_plot(tmp_path):
 
 
 def test_bench_plot_without_matplotlib(tmp_path):
-    script = tmp_path / "nompl.py"
-    script.write_text(
-        "import sys\n"
-        "sys.modules['matplotlib'] = None\n"
-        "from numbn import _bench\n"
-        "row = _bench.Row('NCHW', (2, 3), 'float32', 'eval', 'cpu', 1.0, 1.0, 0.5, None)\n"
-        "_bench.plot([row], 'x.png')\n")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       timeout=300, cwd=tmp_path)
+    r = _script(tmp_path,
+                "import sys",
+                "sys.modules['matplotlib'] = None",
+                "from numbn import _bench",
+                "row = _bench.Row('NCHW', (2, 3), 'float32', 'eval', 'cpu', 1.0, 1.0, 0.5, None)",
+                "_bench.plot([row], 'x.png')")
     assert r.returncode != 0 and "needs matplotlib" in r.stderr
 
 
@@ -129,14 +129,11 @@ def test_bench_repeat_must_be_positive(repeat):
 def test_bench_plot_without_matplotlib_says_so_first(tmp_path):
     """`numbn bench --plot` without matplotlib: said before the benchmark
     runs (it was said after the whole run), exit 2."""
-    script = tmp_path / "nompl_cli.py"
-    script.write_text(
-        "import sys\n"
-        "sys.modules['matplotlib'] = None\n"
-        "from numbn.__main__ import main\n"
-        "sys.exit(main(['bench', '--quick', '--backend', 'cpu', '--plot', 'x.png']))\n")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       timeout=300, cwd=tmp_path)
+    r = _script(tmp_path,
+                "import sys",
+                "sys.modules['matplotlib'] = None",
+                "from numbn.__main__ import main",
+                "sys.exit(main(['bench', '--quick', '--backend', 'cpu', '--plot', 'x.png']))")
     assert r.returncode == 2 and r.stdout == ""
     assert "needs matplotlib" in r.stderr
 
@@ -145,16 +142,13 @@ def test_check_tools_run_on_the_backend_asked_for(tmp_path):
     """The tool checks (folding, recalibrate) of `numbn check --backend cpu`
     run on the CPU backend, not the process default: with the default set
     to a CUDA that cannot run here, they failed (and the command exited 1)."""
-    script = tmp_path / "tools.py"
-    script.write_text(
-        "import sys, numbn\n"
-        "from numbn import _dispatch\n"
-        "_dispatch.cuda_unavailable_reason = lambda: 'no CUDA GPU was found'\n"
-        "numbn.set_backend('cuda')\n"
-        "from numbn.__main__ import main\n"
-        "sys.exit(main(['check', '--backend', 'cpu', '-v']))\n")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       timeout=600)
+    r = _script(tmp_path,
+                "import sys, numbn",
+                "from numbn import _dispatch",
+                "_dispatch.cuda_unavailable_reason = lambda: 'no CUDA GPU was found'",
+                "numbn.set_backend('cuda')",
+                "from numbn.__main__ import main",
+                "sys.exit(main(['check', '--backend', 'cpu', '-v']))", timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     tools = [line for line in r.stdout.splitlines() if " tools " in line]
     assert len(tools) == 4 and all(line.startswith("PASS  tools (cpu) ") for line in tools)
