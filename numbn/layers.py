@@ -604,14 +604,15 @@ class BatchNorm:
         OSError
             The file cannot be read (``FileNotFoundError`` when it is missing).
         """
-        if not hasattr(path, "read"):
-            path = os.fsdecode(path)
-            if not os.path.isfile(path) and not path.endswith(".npz"):
-                path += ".npz"
         with contextlib.ExitStack() as stack:
-            # Opened here, so that it is closed also when NumPy cannot read it
-            # (np.load left a truncated zip's file open).
-            fh = path if hasattr(path, "read") else stack.enter_context(open(path, "rb"))
+            fh = path
+            if not hasattr(path, "read"):
+                path = os.fsdecode(path)
+                if not os.path.isfile(path) and not path.endswith(".npz"):
+                    path += ".npz"
+                # Opened here, so that it is closed also when NumPy cannot
+                # read it (np.load left a truncated zip's file open).
+                fh = stack.enter_context(open(path, "rb"))
             try:
                 f = np.load(fh, allow_pickle=False)
             except (ValueError, zipfile.BadZipFile) as e:
