@@ -1,8 +1,36 @@
 """Tunables of the kernels, in one place so tests and benchmarks can change them.
 
 Everything here is read at call time, never at import time of the kernels, so
-``monkeypatch.setattr(numbn._config, NAME, value)`` takes effect at once.
+``monkeypatch.setattr(numbn._config, NAME, value)`` takes effect at once: the
+launch plans that ``numbn._cpu`` computes from these values and keeps per
+array layout are dropped whenever one of them is set (:class:`_Settings`).
 """
+
+import sys
+import types
+
+#: Called, without arguments, after any setting here is assigned or deleted.
+ON_CHANGE: list = []
+
+
+class _Settings(types.ModuleType):
+    """This module's type: assigning or deleting a setting runs the callbacks
+    of ``ON_CHANGE`` (``numbn._cpu`` drops its launch plans there), so that
+    no value computed from the old setting outlives it. Assignments in this
+    file's own body (the defaults) go to the module's namespace directly."""
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        for callback in ON_CHANGE:
+            callback()
+
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        for callback in ON_CHANGE:
+            callback()
+
+
+sys.modules[__name__].__class__ = _Settings
 
 # CPU kernels ---------------------------------------------------------------
 

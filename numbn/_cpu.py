@@ -121,6 +121,7 @@ _forked_from_openmp = False
 
 def _after_fork() -> None:
     global _forked_from_openmp
+    _plans.clear()  # they hold the parent's choice of kernel variant (_Kernel.on)
     try:
         _forked_from_openmp = numba.threading_layer() == "omp"
     except ValueError:  # no pool in the parent: the child starts its own
@@ -1764,11 +1765,12 @@ def _cast(cell, k, value):
 
 
 @_Kernel
-def _train_fused(x, w, b, eps, relu, block, zero, cells, y, mean_out, var_out, stream):
+def _train_fused(x, w, b, eps, relu, block, zero, y, mean_out, var_out, stream):
     """Training forward with one task per channel, for channels whose slab
     fits in a core's cache: statistics, then normalisation while the slab is
     still cached, so x crosses memory once (2|x| of traffic, not 3|x|)."""
     outer, C, inner = x.shape
+    cells = np.full((C, 4), zero)  # scratch, made here (_backward_fused)
     for c in prange(C):
         cell = cells[c]
         n, mean, m2 = _span_moments(x, c, 0, outer * inner, block, zero, cell[0:1])
@@ -1818,16 +1820,20 @@ def _run_sums(dy, x, o, c, block, m, a, t, relu, zero):
 
 
 @_Kernel
-def _backward_fused(dy, x, mean, inv, w, b, relu, training, group, block, zero, cells, sums,
-                    sink, dx, db_out, dw_out, stream):
+def _backward_fused(dy, x, mean, inv, w, b, relu, training, group, block, zero, dx, db_out,
+                    dw_out, stream):
     """Backward with one task per ``group`` adjacent channels whose slabs
     together fit in a core's cache: the sums, then dx while x and dy are
     still cached (3|x| of traffic). Both passes walk the group in memory
     order (``for o: for c in group``), so a group of short runs is read as
     ``outer`` stretches of ``group`` runs each. Writes ``dbias = sum(g)``
-    and ``dweight = sum(g * x_hat)``; ``cells`` (C, 5) and ``sums`` (C, 3)
-    are scratch."""
+    and ``dweight = sum(g * x_hat)``."""
     outer, C, inner = x.shape
+    # Scratch made here, not by the caller: each array the host side makes
+    # and passes costs a call microseconds with its caches cold (_plan).
+    cells = np.full((C, 5), zero)
+    sums = np.empty((C, 3))
+    sink = np.empty(C)
     n = np.float64(outer * inner)
     for k in prange((C + group - 1) // group):
         c0 = k * group
@@ -1894,14 +1900,16 @@ def _coefficients_in_dtype(coef, c, m, a, t):
 
 
 @_Kernel
-def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y, mean, var,
-                ahead, g, stream):
+def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, y, mean, var, ahead, g, stream):
     """Training forward of a rows view (:func:`_row_views`) in one call:
     per-task statistics of each column, their merge (and each channel's
     ``g`` columns'), the coefficients, then normalisation of the same row
     blocks by the same tasks (each thread finds its rows still in its cache
     when they fit; and one kernel call instead of three)."""
     R = x.shape[0]
+    pn = np.empty(nsplit)  # scratch, made here (_backward_fused)
+    pmean = np.empty((nsplit, x.shape[1]))
+    pm2 = np.empty((nsplit, x.shape[1]))
     for s in prange(nsplit):
         pn[s] = _rows_moments(x, s * R // nsplit, (s + 1) * R // nsplit, block_rows, zero,
                               pmean[s], pm2[s], ahead)
@@ -1913,13 +1921,17 @@ def _train_rows(x, w, b, eps, relu, nsplit, block_rows, zero, pn, pmean, pm2, y,
 
 @_Kernel
 def _backward_rows(dy, x, mean, inv, w, b, relu, training, nsplit, block_rows, zero, ahead,
-                   coef, psum, pdot, sink, dx, db, dw, g, stream, parts):
+                   dx, db, dw, g, stream, parts):
     """Backward of a rows view (:func:`_row_views`) in one call: per-task
     sums of each column, their merge (and each channel's ``g`` columns'),
     the coefficients, then dx over the same row blocks by the same tasks.
     Writes ``db = sum(g)`` and ``dw = sum(g * x_hat)``."""
     R = x.shape[0]
     C = db.shape[0]
+    coef = np.full((5, C), zero)  # scratch, made here (_backward_fused)
+    psum = np.empty((nsplit, x.shape[1]))
+    pdot = np.empty((nsplit, x.shape[1]))
+    sink = np.zeros(nsplit)
     for c in range(C):
         mc, invc, ac, tc = _backward_vectors(mean, inv, w, b, c)
         _coefficients_in_dtype(coef, c, mc, ac, tc)
@@ -2305,9 +2317,43 @@ def infer(x3, mean, var, w, b, eps, relu, y3) -> None:
 def infer_ready(x3, mean, var, w, b, eps, relu, y3) -> None:
     """:func:`infer` for a caller that has checked what :func:`infer` would
     convert: ``x3`` of a float dtype and not empty, ``y3`` of its dtype, and
-    the four vectors as :func:`_kernel_vectors` takes them unchanged."""
-    _launch_elementwise(_infer_channel_major, _infer_rows, _bits(x3), _bits(y3), mean, var, w,
-                        b, float(eps), relu)
+    the four vectors as :func:`_kernel_vectors` takes them unchanged. Its
+    launch is planned once per layout (:func:`_plan`)."""
+    key = ("infer", x3.shape, x3.strides, x3.dtype, y3.strides, y3.dtype, y3.flags.aligned,
+           _threads())
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plan(key, _infer_plan(_bits(x3), _bits(y3)))
+    kernel, rows, half, zero, split, ahead, inner, stream = plan
+    if kernel is None:  # an input that the plans do not serve: converted per call
+        _launch_elementwise(_infer_channel_major, _infer_rows, _bits(x3), _bits(y3), mean, var,
+                            w, b, float(eps), relu)
+        return
+    x, y = (x3.view(np.uint16), y3.view(np.uint16)) if half else (x3, y3)
+    if rows is None:
+        kernel(x, mean, var, w, b, float(eps), relu, zero, y, split, _threads(), stream)
+    elif rows[2]:
+        kernel(x[:, :, 0], mean, var, w, b, float(eps), relu, zero, y[:, :, 0], split, ahead,
+               inner, stream)
+    else:
+        kernel(x.reshape(rows[:2]), mean, var, w, b, float(eps), relu, zero,
+               y.reshape(rows[:2]), split, ahead, inner, stream)
+
+
+def _infer_plan(x3, y3) -> tuple:
+    """:func:`infer_ready`'s plan for ``x3`` and ``y3`` (float16 as its bits):
+    what :func:`_launch_elementwise` would choose, or no kernel when the
+    channel-major kernel would need a dense copy of either."""
+    half = x3.dtype == np.uint16
+    views = _row_views(x3, y3, max_inner=_config.CPU_ROWS_ELEMENTWISE_MAX_INNER)
+    if views is not None:
+        x2, y2 = views
+        return (_infer_rows.on(x3.size), _rows_shape(x3), half, _zero(x3), _row_tasks(x3),
+                _ahead(x2), x3.shape[2], _stream(y2, x2))
+    if not (_unit(x3) and _unit(y3)):
+        return (None,) * 8
+    return (_infer_channel_major.on(x3.size), None, half, _zero(x3), _isplit(x3), 0, 0,
+            _stream(y3, x3))
 
 
 def _affine(w, b, C: int, like):
@@ -2435,25 +2481,43 @@ def train_ready(x3, w, b, eps, relu, y3):
     """:func:`train_fused` for a caller that has checked what it would
     convert: ``x3`` of a float dtype (float16 as it is or as its bits,
     :func:`_bits`) and not empty, ``y3`` of its dtype, ``w`` and ``b`` as
-    :func:`_kernel_vectors` takes them unchanged."""
-    x3, y3 = _bits(x3), _bits(y3)
-    outer, C, inner = x3.shape
-    views = _row_views(x3, y3)
-    if views is None and not _fusable(x3):
+    :func:`_kernel_vectors` takes them unchanged. Its launch is planned once
+    per layout (:func:`_plan`)."""
+    key = ("train", x3.shape, x3.strides, x3.dtype, y3.strides, y3.dtype, y3.flags.aligned,
+           _threads())
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plan(key, _train_plan(_bits(x3), _bits(y3)))
+    kernel, rows, half, zero, split, block, ahead, inner, stream = plan
+    if kernel is None:
         return None
+    x, y = (x3.view(np.uint16), y3.view(np.uint16)) if half else (x3, y3)
+    C = x3.shape[1]
     mean, var = np.empty(C), np.empty(C)
+    if rows is None:
+        kernel(x, w, b, float(eps), relu, block, zero, y, mean, var, stream)
+    elif rows[2]:
+        kernel(x[:, :, 0], w, b, float(eps), relu, split, block, zero, y[:, :, 0], mean, var,
+               ahead, inner, stream)
+    else:
+        kernel(x.reshape(rows[:2]), w, b, float(eps), relu, split, block, zero,
+               y.reshape(rows[:2]), mean, var, ahead, inner, stream)
+    return mean, var
+
+
+def _train_plan(x3, y3) -> tuple:
+    """:func:`train_ready`'s plan (float16 as its bits): no kernel for an
+    input better served by :func:`stats` then :func:`normalize`."""
+    half = x3.dtype == np.uint16
+    views = _row_views(x3, y3)
     if views is not None:
         x2, y2 = views
-        nsplit = _row_tasks(x3)
-        _train_rows.on(x3.size)(
-            x2, w, b, float(eps), relu, nsplit, _block_rows(x2), _zero(x3),
-            np.empty(nsplit), np.empty((nsplit, x2.shape[1])), np.empty((nsplit, x2.shape[1])),
-            y2, mean, var, _ahead(x2), inner, _stream(y2, x2))
-    else:
-        _train_fused.on(x3.size)(x3, w, b, float(eps), relu, _config.CPU_BLOCK, _zero(x3),
-                                 np.empty((C, 4), _arith(x3)), y3, mean, var,
-                                 _stream_slabs(y3, x3))
-    return mean, var
+        return (_train_rows.on(x3.size), _rows_shape(x3), half, _zero(x3), _row_tasks(x3),
+                _block_rows(x2), _ahead(x2), x3.shape[2], _stream(y2, x2))
+    if not _fusable(x3):
+        return (None,) * 9
+    return (_train_fused.on(x3.size), None, half, _zero(x3), 0, _config.CPU_BLOCK, 0, 0,
+            _stream_slabs(y3, x3))
 
 
 def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
@@ -2473,32 +2537,87 @@ def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
     return backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3)
 
 
-def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3):
+def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3, grads=np.float64):
     """:func:`backward_fused` for a caller that has checked what it would
     convert: ``x3`` of a float dtype (float16 as it is or as its bits,
     :func:`_bits`) and not empty, ``dy3`` and ``dx3`` of its dtype, the four
-    vectors as :func:`_kernel_vectors` takes them unchanged."""
-    dy3, x3, dx3 = _bits(dy3), _bits(x3), _bits(dx3)
-    outer, C, inner = x3.shape
-    views = _row_views(x3, dy3, dx3)
-    if views is None and (not _fusable(x3) or not dy3.flags.c_contiguous):
+    vectors as :func:`_kernel_vectors` takes them unchanged; ``(dweight,
+    dbias)`` of dtype ``grads`` (float32 or float64: the kernels compute
+    them in float64 and round them once as they store them). Its launch is
+    planned once per layout (:func:`_plan`)."""
+    key = ("backward", x3.shape, x3.strides, x3.dtype, dy3.strides, dy3.dtype, dx3.strides,
+           dx3.dtype, dx3.flags.aligned, _threads())
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plan(key, _backward_plan(_bits(dy3), _bits(x3), _bits(dx3)))
+    kernel, rows, half, zero, split, block, ahead, inner, stream = plan
+    if kernel is None:
         return None
-    dw, db = np.empty(C), np.empty(C)
+    if half:
+        dy3, x3, dx3 = dy3.view(np.uint16), x3.view(np.uint16), dx3.view(np.uint16)
+    C = x3.shape[1]
+    dw, db = np.empty(C, grads), np.empty(C, grads)
+    if rows is None:
+        kernel(dy3, x3, mean, inv, w, b, relu, training, split, block, zero, dx3, db, dw, stream)
+    elif rows[2]:  # the rows views (_row_views), made here: a call less each
+        kernel(dy3[:, :, 0], x3[:, :, 0], mean, inv, w, b, relu, training, split, block, zero,
+               ahead, dx3[:, :, 0], db, dw, inner, stream, _threads())
+    else:
+        shape = rows[:2]
+        kernel(dy3.reshape(shape), x3.reshape(shape), mean, inv, w, b, relu, training, split,
+               block, zero, ahead, dx3.reshape(shape), db, dw, inner, stream, _threads())
+    return dw, db
+
+
+def _backward_plan(dy3, x3, dx3) -> tuple:
+    """:func:`backward_ready`'s plan (float16 as its bits): no kernel for an
+    input better served by the two-pass kernels."""
+    half = x3.dtype == np.uint16
+    views = _row_views(x3, dy3, dx3)
     if views is not None:
         x2, dy2, dx2 = views
-        nsplit = _row_tasks(x3)
-        cols = x2.shape[1]
-        _backward_rows.on(x3.size)(
-            dy2, x2, mean, inv, w, b, relu, training, nsplit, _block_rows(x2), _zero(x3),
-            _ahead(x2), np.empty((5, C), _arith(x3)), np.empty((nsplit, cols)),
-            np.empty((nsplit, cols)), np.zeros(nsplit), dx2, db, dw, inner,
-            _stream(dx2, x2, dy2), _threads())
-    else:
-        _backward_fused.on(x3.size)(dy3, x3, mean, inv, w, b, relu, training, _channel_group(x3),
-                                    _config.CPU_BLOCK, _zero(x3),
-                                    np.empty((C, 5), _arith(x3)), np.empty((C, 3)), np.empty(C),
-                                    dx3, db, dw, _stream_slabs(dx3, x3, dy3))
-    return dw, db
+        return (_backward_rows.on(x3.size), _rows_shape(x3), half, _zero(x3), _row_tasks(x3),
+                _block_rows(x2), _ahead(x2), x3.shape[2], _stream(dx2, x2, dy2))
+    if not _fusable(x3) or not dy3.flags.c_contiguous:
+        return (None,) * 9
+    return (_backward_fused.on(x3.size), None, half, _zero(x3), _channel_group(x3),
+            _config.CPU_BLOCK, 0, 0, _stream_slabs(dx3, x3, dy3))
+
+
+#: The launch plans of :func:`infer_ready`, :func:`train_ready` and
+#: :func:`backward_ready`, by the layout of their arrays and the calling
+#: thread's thread count (:func:`_plan`).
+_plans: dict = {}
+_PLANS_MAX = 256
+
+
+def _plan(key, plan: tuple) -> tuple:
+    """Keep ``plan`` for ``key`` and return it.
+
+    A launcher's choices (kernel and variant, row views, tasks, blocks,
+    prefetch distance, stores) depend only on its arrays' shapes, strides,
+    dtypes and alignment, on the thread count and on ``numbn._config``; made
+    once per layout, they cost a call one dictionary lookup instead of a
+    dozen Python-level calls, which run with the caches cold after a kernel
+    (each one to three microseconds; measured in ``numbn bench``'s
+    interleaving, where the direct path's host side took 20-60 us of a
+    call). The plans are dropped whenever a setting of ``numbn._config`` is
+    assigned and in a forked child (:func:`_after_fork`)."""
+    if len(_plans) >= _PLANS_MAX:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
+
+
+_config.ON_CHANGE.append(_plans.clear)
+
+
+def _rows_shape(x3) -> tuple:
+    """The shape of :func:`_row_views`'s views of ``x3``, and whether they are
+    ``a[:, :, 0]`` (channels-last input, whose rows need only be dense) rather
+    than a reshape (of C-contiguous arrays: a view)."""
+    outer, C, inner = x3.shape
+    return outer, C * inner, inner == 1
 
 
 #: Elements along each side of the square tiles of :func:`copy_into`.

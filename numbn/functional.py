@@ -681,16 +681,15 @@ def _direct_backward(dy, x, mean, invstd, weight, bias, training, axis, backend,
     if not _ready(c, mean, invstd, w, b):
         return None
     dx = empty(x.shape, x.dtype)
+    # The gradients come in weight's dtype (w's: _ready checked it), rounded
+    # once from the kernel's float64.
     grads = _cpu_kernels().backward_ready(dy.reshape(x3.shape), x3, mean, invstd, w, b,
-                                          relu, training, dx.reshape(x3.shape))
+                                          relu, training, dx.reshape(x3.shape), w.dtype)
     if grads is None:
         return None
     if weight is None:  # as the general path: no parameters, no gradients for them
         return dx, None, None
-    dw, db = grads
-    if weight.dtype != dw.dtype:
-        dw, db = dw.astype(weight.dtype), db.astype(weight.dtype)
-    return dx, dw, db
+    return dx, grads[0], grads[1]
 
 
 @_quiet  # the cast to float16 may overflow (dx is inf then), as in the kernel backends

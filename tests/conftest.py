@@ -41,6 +41,21 @@ SHAPES = [
 ]
 
 
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Every test plans its CPU launches anew (``numbn._cpu._plan``): a test
+    that replaces one of ``numbn._cpu``'s planning helpers (settings of
+    ``numbn._config`` drop the plans themselves) leaves no plan made with
+    it to later tests. Without Numba there are no plans to drop."""
+    plans = getattr(importlib.import_module("numbn._cpu"), "_plans", {}) if _HAS_NUMBA else {}
+    plans.clear()
+    yield
+    plans.clear()
+
+
+_HAS_NUMBA = importlib.util.find_spec("numba") is not None
+
 def _contiguous(a):
     return np.ascontiguousarray(a)
 

@@ -1,0 +1,101 @@
+"""numbn's whole calls against those of another commit, in one process.
+
+Run ``python benchmarks/against_commit.py REV [--rounds N]`` from a git
+checkout: REV's ``numbn`` package (``git archive``) is unpacked into a
+temporary folder as ``numbn_rev`` and imported beside the working tree's, and
+the two are timed on ``numbn bench``'s seven float32 inputs, interleaved with
+PyTorch's call (when installed) and a copy of x as ``numbn bench`` interleaves
+them, so that both versions see the same cache and allocator history. Prints
+this tree's time over REV's per input and operation, and their geometric
+means. REV's kernels compile on the first run (into its own Numba cache,
+kept in the folder for the run only: a few minutes).
+
+Differences between two runs of ``numbn bench`` are mostly this machine's
+noise (2x between runs); a ratio taken this way is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numba
+import numpy as np
+
+import numbn
+from numbn import _bench
+
+
+def _import_rev(rev: str, folder: Path):
+    """REV's ``numbn`` as the module ``numbn_rev`` (its imports are relative)."""
+    root = Path(numbn.__file__).resolve().parent.parent
+    archive = folder / "rev.tar"
+    subprocess.run(["git", "-C", str(root), "archive", "-o", str(archive), rev, "numbn"],
+                   check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    (folder / "numbn").rename(folder / "numbn_rev")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("numbn_rev")
+
+
+def _calls(mod, x, axis, dy, mean, invstd, w, b):
+    c = x.shape[axis]
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    return {
+        "forward": lambda: mod.batch_norm(x, rm, rv, w, b, True, axis=axis),
+        "eval": lambda: mod.batch_norm(x, rm, rv, w, b, False, axis=axis),
+        "backward": lambda: mod.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("rev", help="the commit to compare with (e.g. HEAD~1)")
+    p.add_argument("--rounds", type=int, default=40)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        rev = _import_rev(args.rev, Path(tmp))
+        print(f"this tree over {args.rev}: time ratio (median of {args.rounds} interleaved "
+              f"runs, float32, {numba.get_num_threads()} threads)")
+        rng = np.random.default_rng(0)
+        ratios = {op: [] for op in _bench.OPS}
+        for layout, shape, axis in _bench.STANDARD:
+            x = rng.standard_normal(shape).astype(np.float32)
+            c = x.shape[axis]
+            dy = rng.standard_normal(shape).astype(np.float32)
+            w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+            _, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis)
+            new = _calls(numbn, x, axis, dy, mean, invstd, w, b)
+            old = _calls(rev, x, axis, dy, mean, invstd, w, b)
+            for op in _bench.OPS:  # the same results first
+                got, want = new[op](), old[op]()
+                for a, o in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, want))):
+                    np.testing.assert_allclose(a, o, rtol=1e-5, atol=1e-5)
+            peer = _bench._torch_calls(x, axis, rng) if _bench.has_torch() else None
+            flat = x.reshape(-1)
+            dst = np.empty_like(flat)
+
+            def copy(flat=flat, dst=dst):
+                _bench._parallel_copy(flat, dst, numba.get_num_threads())
+
+            line = []
+            for op in _bench.OPS:
+                funcs = [new[op], old[op], copy] + ([peer[op]] if peer else [])
+                for f in funcs:
+                    f()
+                t = _bench._median_interleaved(funcs, args.rounds)
+                ratios[op].append(t[0] / t[1])
+                line.append(f"{op} {t[0] / t[1]:.2f}")
+            print(f"{layout:5} {str(shape):22} " + "  ".join(line), flush=True)
+        means = "  ".join(f"{op} {np.exp(np.mean(np.log(v))):.3f}" for op, v in ratios.items())
+        print(f"geometric mean: {means}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Launch plans of the direct path's kernels (``numbn._cpu._plan``): made once
+per array layout and thread count, dropped when a setting changes or the
+process forks, and never the reason a result differs."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from conftest import make
+
+import numbn
+from numbn import _config, _cpu
+
+#: Channels-last rows, channel-major rows (short runs), fused channel-major.
+CASES = [((4, 6, 5, 16), -1), ((8, 6, 3, 2), 1), ((4, 6, 80), 1)]
+
+
+def _calls(x, axis, dy, w, b):
+    """Eval forward, training forward, backward: the three planned launches."""
+    c = x.shape[axis]
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    y_eval = numbn.batch_norm(x, rm, rv, w, b, False, axis=axis, backend="cpu")
+    y, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis, backend="cpu")
+    grads = numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, backend="cpu")
+    return (y_eval, y, mean, invstd, *grads)
+
+
+@pytest.mark.parametrize("shape, axis", CASES)
+def test_a_plan_serves_every_call_of_its_layout(rng, shape, axis):
+    x, dy = make(rng, shape, np.float32), make(rng, shape, np.float32)
+    c = shape[axis]
+    w, b = make(rng, c, np.float32, 1.0, 0.5), make(rng, c, np.float32)
+    first = _calls(x, axis, dy, w, b)
+    kinds = sorted(key[0] for key in _cpu._plans)
+    assert kinds == ["backward", "infer", "train"]
+    plans = dict(_cpu._plans)
+    other_x, other_dy = make(rng, shape, np.float32), make(rng, shape, np.float32)
+    again = _calls(other_x, axis, other_dy, w, b)  # other data, same layout
+    assert _cpu._plans == plans  # no new plan, the same plans
+    _cpu._plans.clear()
+    fresh = _calls(other_x, axis, other_dy, w, b)
+    for got, want in zip(again, fresh):
+        np.testing.assert_array_equal(got, want)
+    assert not all(np.array_equal(p, q) for p, q in zip(first, again))
+
+
+def test_a_setting_drops_the_plans(rng, monkeypatch):
+    """A plan holds values computed from ``numbn._config``: assigning any
+    setting (as ``monkeypatch`` does, and undoes) drops every plan, so the
+    next call plans with the new value."""
+    x = make(rng, (64, 32), np.float32)
+    numbn.batch_norm_forward(x, backend="cpu")
+    assert _cpu._plans
+    monkeypatch.setattr(_config, "CPU_ROWS_BLOCK", 96)
+    assert not _cpu._plans
+    numbn.batch_norm_forward(x, backend="cpu")
+    (plan,) = _cpu._plans.values()
+    assert plan[5] == _cpu._block_rows(x) == 64  # planned with the new setting (512 before)
+    monkeypatch.undo()
+    assert not _cpu._plans
+
+
+def test_plans_follow_the_thread_count(rng):
+    """The calling thread's Numba thread count is part of a plan's key: the
+    rows kernels split their rows into one task a thread."""
+    x = make(rng, (4096, 16), np.float32)
+    y = numbn.batch_norm_forward(x, backend="cpu")
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        y_one = numbn.batch_norm_forward(x, backend="cpu")
+    finally:
+        numba.set_num_threads(before)
+    splits = sorted(plan[4] for plan in _cpu._plans.values())
+    assert splits == sorted({1, _cpu._row_tasks(x.reshape(4096, 16, 1))})
+    for a, b in zip(y, y_one):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_fork_drops_the_plans(rng):
+    """A forked child plans anew: a plan holds the parent's choice of
+    parallel or serial kernels (``numbn._cpu._after_fork``)."""
+    numbn.batch_norm_forward(make(rng, (64, 32), np.float32), backend="cpu")
+    assert _cpu._plans
+    _cpu._after_fork()
+    assert not _cpu._plans
+
+
+def test_unaligned_output_gets_its_own_plan(rng, monkeypatch):
+    """Alignment of the output is part of the key: an output at an odd byte
+    offset is never given the streamed stores (they would fault) even after
+    an aligned one of the same layout was."""
+    monkeypatch.setattr(_config, "CPU_ROWS_STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(_config, "CPU_STREAM_MIN_BYTES", 0)
+    x = make(rng, (512, 16), np.float32)
+    rm, rv = np.zeros(16, np.float32), np.ones(16, np.float32)
+    aligned = numbn.batch_norm(x, rm, rv, training=False, backend="cpu")
+    buf = np.zeros(x.nbytes + 1, np.uint8)
+    out = buf[1:].view(np.float32).reshape(x.shape)
+    assert not out.flags.aligned
+    numbn.batch_norm(x, rm, rv, training=False, backend="cpu", out=out)
+    np.testing.assert_array_equal(out, aligned)
+    streams = sorted(plan[-1] for plan in _cpu._plans.values())
+    assert streams == [False, True]
+
+
+@pytest.mark.parametrize("shape, axis", [CASES[0], CASES[2]])
+def test_gradients_in_weight_dtype_are_the_float64_ones_rounded(rng, shape, axis):
+    """``backward_ready(..., grads=np.float32)`` rounds the float64 sums once,
+    as ``astype`` would."""
+    x, dy = make(rng, shape, np.float32), make(rng, shape, np.float32)
+    x3 = np.moveaxis(x, axis, 1).reshape(shape[0], shape[axis], -1) if axis == 1 else x.reshape(
+        -1, shape[axis], 1)
+    dy3 = dy.reshape(x3.shape) if axis != 1 else np.moveaxis(dy, axis, 1).reshape(x3.shape)
+    c = x3.shape[1]
+    mean, inv, w = (make(rng, c, np.float32, m, 0.1) for m in (0.5, 0.4, 1.0))
+    dx64, dx32 = np.empty_like(x3), np.empty_like(x3)
+    dw64, db64 = _cpu.backward_ready(dy3, x3, mean, inv, w, w, False, True, dx64)
+    dw32, db32 = _cpu.backward_ready(dy3, x3, mean, inv, w, w, False, True, dx32, np.float32)
+    assert dw32.dtype == db32.dtype == np.float32 and dw64.dtype == np.float64
+    np.testing.assert_array_equal(dw32, dw64.astype(np.float32))
+    np.testing.assert_array_equal(db32, db64.astype(np.float32))
+    np.testing.assert_array_equal(dx32, dx64)
