@@ -309,8 +309,12 @@ class BatchNorm:
         Raises
         ------
         TypeError, ValueError
-            As in :func:`numbn.batch_norm`; nothing is changed then.
+            As in :func:`numbn.batch_norm`; nothing is changed then, but that
+            :meth:`backward` has no forward to differentiate until the next
+            one succeeds (it raises, where it would have used the forward
+            before the failed one).
         """
+        self._saved = None  # a forward that raises leaves backward() nothing
         y = self._direct_forward(x)
         return self._forward(x) if y is None else y
 
@@ -471,10 +475,11 @@ class BatchNorm:
         Raises
         ------
         RuntimeError
-            When no forward came before.
+            When no forward came before, or the last one raised.
         """
         if self._saved is None:
-            raise RuntimeError("backward() needs a forward() first")
+            raise RuntimeError("backward() needs a forward() first (none was made, or the "
+                               "last one raised)")
         x, mean, invstd, training, axis = self._saved
         # The float64 statistics the forward normalised with, not rounded to
         # x's dtype as batch_norm_forward returns them: with a mean far from

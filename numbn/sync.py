@@ -259,11 +259,13 @@ class SyncBatchNorm(BatchNorm):
             On every rank, when any rank's input is invalid (the message
             names the rank), when the ranks' dtypes differ, or when all the
             ranks together hold fewer than two values per channel. Nothing is
-            changed then.
+            changed then, but that :meth:`backward` needs a new forward (as
+            :meth:`BatchNorm.forward`).
         """
         # Eval mode, a frozen layer (BatchNorm.freeze) and one rank: nothing to share.
         if not self.training or getattr(self, "_frozen", False) or self.comm.Get_size() == 1:
             return super().forward(x)
+        self._saved = None  # as BatchNorm.forward: a forward that raises leaves nothing
         if self._agreed != self.num_features:
             self._agree_on_features()
         eng = None

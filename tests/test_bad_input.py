@@ -182,6 +182,27 @@ def test_backward_before_forward():
         numbn.BatchNorm(3).backward(np.ones((2, 3)))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("bad", ["wrong C", "int dtype", "one value"])
+def test_backward_after_a_failed_forward_raises(training, bad):
+    """A forward that raises leaves backward() nothing to differentiate: it
+    raises, not the gradient of the forward before (whose dy has the same
+    shape here), until a forward succeeds again."""
+    bn = numbn.BatchNorm(3).train(training)
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    bn(x)
+    bad_x = {"wrong C": np.ones((4, 2), np.float32), "int dtype": np.ones((4, 3), int),
+             "one value": np.ones((1, 3), np.float32)}[bad]
+    if bad == "one value" and not training:
+        bad_x = np.ones((4, 3, 1), np.float32)[:, :2]  # eval: two channels of three
+    with pytest.raises((TypeError, ValueError)):
+        bn(bad_x)
+    with pytest.raises(RuntimeError, match="last one raised"):
+        bn.backward(np.ones((4, 3), np.float32))
+    bn(x)
+    assert bn.backward(np.ones((4, 3), np.float32)).shape == (4, 3)
+
+
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("shape,axis", [((6, 3, 4, 4), 1), ((6, 4, 4, 3), -1)])

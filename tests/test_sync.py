@@ -299,13 +299,18 @@ def test_threads_bad_input_on_one_rank_raises_everywhere(case, kind, match):
            "dtype mismatch": np.ones((4, 3, 2)), "one value in all": np.ones((1, 3))}[case]
     if case == "one value in all":
         good = np.ones((0, 3))
+    world.run(lambda comm: layers[comm.rank](np.full((4, 3, 2), comm.rank, np.float32)))
+    means = [bn.running_mean.copy() for bn in layers]
     results = world.run(lambda comm: layers[comm.rank](bad if comm.rank == 1 else good))
     for exc in results:
         assert isinstance(exc, kind), exc
         assert match in str(exc)
-    for bn in layers:
-        assert bn.num_batches_tracked == 0
-        np.testing.assert_array_equal(bn.running_mean, 0)
+    for bn, mean in zip(layers, means, strict=True):
+        assert bn.num_batches_tracked == 1
+        np.testing.assert_array_equal(bn.running_mean, mean)
+        # The good forward before is not what backward() differentiates now.
+        with pytest.raises(RuntimeError, match="last one raised"):
+            bn.backward(np.ones((4, 3, 2), np.float32))
 
 
 @pytest.mark.parametrize("features", [(3, 2), (2, 3), (3, 3, 4)])
