@@ -2329,7 +2329,7 @@ def infer_ready(x3, mean, var, w, b, eps, relu, y3) -> None:
         _launch_elementwise(_infer_channel_major, _infer_rows, _bits(x3), _bits(y3), mean, var,
                             w, b, float(eps), relu)
         return
-    x, y = (x3.view(np.uint16), y3.view(np.uint16)) if half else (x3, y3)
+    x, y = (_bits(x3), _bits(y3)) if half else (x3, y3)
     if rows is None:
         kernel(x, mean, var, w, b, float(eps), relu, zero, y, split, _threads(), stream)
     elif rows[2]:
@@ -2491,7 +2491,7 @@ def train_ready(x3, w, b, eps, relu, y3):
     kernel, rows, half, zero, split, block, ahead, inner, stream = plan
     if kernel is None:
         return None
-    x, y = (x3.view(np.uint16), y3.view(np.uint16)) if half else (x3, y3)
+    x, y = (_bits(x3), _bits(y3)) if half else (x3, y3)
     C = x3.shape[1]
     mean, var = np.empty(C), np.empty(C)
     if rows is None:
@@ -2540,7 +2540,8 @@ def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
 def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3, grads=np.float64):
     """:func:`backward_fused` for a caller that has checked what it would
     convert: ``x3`` of a float dtype (float16 as it is or as its bits,
-    :func:`_bits`) and not empty, ``dy3`` and ``dx3`` of its dtype, the four
+    :func:`_bits`) and not empty, ``dx3`` of its dtype, ``dy3`` of its
+    dtype too or, with float16 ``x3``, float32, the four
     vectors as :func:`_kernel_vectors` takes them unchanged; ``(dweight,
     dbias)`` of dtype ``grads`` (float32 or float64: the kernels compute
     them in float64 and round them once as they store them). Its launch is
@@ -2553,8 +2554,8 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3, grads=np.float
     kernel, rows, half, zero, split, block, ahead, inner, stream = plan
     if kernel is None:
         return None
-    if half:
-        dy3, x3, dx3 = dy3.view(np.uint16), x3.view(np.uint16), dx3.view(np.uint16)
+    if half:  # dy3 may be float32 there (backward_fused's callers' mixed precision)
+        dy3, x3, dx3 = _bits(dy3), _bits(x3), _bits(dx3)
     C = x3.shape[1]
     dw, db = np.empty(C, grads), np.empty(C, grads)
     if rows is None:

@@ -122,3 +122,22 @@ def test_gradients_in_weight_dtype_are_the_float64_ones_rounded(rng, shape, axis
     np.testing.assert_array_equal(dw32, dw64.astype(np.float32))
     np.testing.assert_array_equal(db32, db64.astype(np.float32))
     np.testing.assert_array_equal(dx32, dx64)
+
+
+@pytest.mark.parametrize("shape, axis", [CASES[0], CASES[2]])
+def test_float16_x_with_float32_dy_has_a_plan_of_its_own(rng, shape, axis):
+    """Mixed precision reaches the one-call backward with float32 dy beside
+    float16 x (``numbn.functional._kernel_backward``): the dtype of dy is in
+    the key, and only the float16 arrays are taken as their bits."""
+    x = make(rng, shape, np.float16)
+    w = np.ones(shape[axis], np.float32)
+    _, mean, invstd = numbn.batch_norm_forward(x, w, axis=axis, backend="cpu")
+    for gdt in (np.float16, np.float32):
+        dy = make(rng, shape, gdt, 0.0, 1.0)
+        got = numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, backend="cpu")
+        want = numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, backend="numpy")
+        for g, e in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(e, np.float64),
+                                       rtol=3e-3, atol=3e-3 * (np.abs(e).max() + 1))
+    dtypes = sorted(str(key[5]) for key in _cpu._plans if key[0] == "backward")
+    assert dtypes == ["float16", "float32"]
