@@ -119,6 +119,13 @@ class _Kernel:
 _forked_from_openmp = False
 
 
+#: The launch plans of :func:`infer_ready`, :func:`train_ready` and
+#: :func:`backward_ready`, by the layout of their arrays and the calling
+#: thread's thread count (:func:`_plan`).
+_plans: dict = {}
+_PLANS_MAX = 256
+
+
 def _after_fork() -> None:
     global _forked_from_openmp
     _plans.clear()  # they hold the parent's choice of kernel variant (_Kernel.on)
@@ -2583,13 +2590,6 @@ def _backward_plan(dy3, x3, dx3) -> tuple:
         return (None,) * 9
     return (_backward_fused.on(x3.size), None, half, _zero(x3), _channel_group(x3),
             _config.CPU_BLOCK, 0, 0, _stream_slabs(dx3, x3, dy3))
-
-
-#: The launch plans of :func:`infer_ready`, :func:`train_ready` and
-#: :func:`backward_ready`, by the layout of their arrays and the calling
-#: thread's thread count (:func:`_plan`).
-_plans: dict = {}
-_PLANS_MAX = 256
 
 
 def _plan(key, plan: tuple) -> tuple:
