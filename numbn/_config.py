@@ -21,13 +21,16 @@ class _Settings(types.ModuleType):
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
-        for callback in ON_CHANGE:
-            callback()
+        _changed()
 
     def __delattr__(self, name):
         super().__delattr__(name)
-        for callback in ON_CHANGE:
-            callback()
+        _changed()
+
+
+def _changed() -> None:
+    for callback in ON_CHANGE:
+        callback()
 
 
 sys.modules[__name__].__class__ = _Settings

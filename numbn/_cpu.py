@@ -2339,12 +2339,9 @@ def infer_ready(x3, mean, var, w, b, eps, relu, y3) -> None:
     x, y = (_bits(x3), _bits(y3)) if half else (x3, y3)
     if rows is None:
         kernel(x, mean, var, w, b, float(eps), relu, zero, y, split, _threads(), stream)
-    elif rows[2]:
-        kernel(x[:, :, 0], mean, var, w, b, float(eps), relu, zero, y[:, :, 0], split, ahead,
-               inner, stream)
     else:
-        kernel(x.reshape(rows[:2]), mean, var, w, b, float(eps), relu, zero,
-               y.reshape(rows[:2]), split, ahead, inner, stream)
+        kernel(x.reshape(rows), mean, var, w, b, float(eps), relu, zero, y.reshape(rows), split,
+               ahead, inner, stream)
 
 
 def _infer_plan(x3, y3) -> tuple:
@@ -2503,12 +2500,9 @@ def train_ready(x3, w, b, eps, relu, y3):
     mean, var = np.empty(C), np.empty(C)
     if rows is None:
         kernel(x, w, b, float(eps), relu, block, zero, y, mean, var, stream)
-    elif rows[2]:
-        kernel(x[:, :, 0], w, b, float(eps), relu, split, block, zero, y[:, :, 0], mean, var,
-               ahead, inner, stream)
     else:
-        kernel(x.reshape(rows[:2]), w, b, float(eps), relu, split, block, zero,
-               y.reshape(rows[:2]), mean, var, ahead, inner, stream)
+        kernel(x.reshape(rows), w, b, float(eps), relu, split, block, zero, y.reshape(rows),
+               mean, var, ahead, inner, stream)
     return mean, var
 
 
@@ -2567,13 +2561,9 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3, grads=np.float
     dw, db = np.empty(C, grads), np.empty(C, grads)
     if rows is None:
         kernel(dy3, x3, mean, inv, w, b, relu, training, split, block, zero, dx3, db, dw, stream)
-    elif rows[2]:  # the rows views (_row_views), made here: a call less each
-        kernel(dy3[:, :, 0], x3[:, :, 0], mean, inv, w, b, relu, training, split, block, zero,
-               ahead, dx3[:, :, 0], db, dw, inner, stream, _threads())
     else:
-        shape = rows[:2]
-        kernel(dy3.reshape(shape), x3.reshape(shape), mean, inv, w, b, relu, training, split,
-               block, zero, ahead, dx3.reshape(shape), db, dw, inner, stream, _threads())
+        kernel(dy3.reshape(rows), x3.reshape(rows), mean, inv, w, b, relu, training, split,
+               block, zero, ahead, dx3.reshape(rows), db, dw, inner, stream, _threads())
     return dw, db
 
 
@@ -2614,11 +2604,13 @@ _config.ON_CHANGE.append(_plans.clear)
 
 
 def _rows_shape(x3) -> tuple:
-    """The shape of :func:`_row_views`'s views of ``x3``, and whether they are
-    ``a[:, :, 0]`` (channels-last input, whose rows need only be dense) rather
-    than a reshape (of C-contiguous arrays: a view)."""
+    """The shape of :func:`_row_views`'s views of ``x3``. The launchers make
+    them by ``reshape`` to it, a view wherever :func:`_row_views` serves: of
+    C-contiguous arrays, or, for channels-last input (``inner == 1``, rows
+    that need only be dense), by dropping the unit axis, which NumPy never
+    copies (the same strides as ``a[:, :, 0]``)."""
     outer, C, inner = x3.shape
-    return outer, C * inner, inner == 1
+    return outer, C * inner
 
 
 #: Elements along each side of the square tiles of :func:`copy_into`.
