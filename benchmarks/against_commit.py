@@ -44,16 +44,6 @@ def _import_rev(rev: str, folder: Path):
     return importlib.import_module("numbn_rev")
 
 
-def _calls(mod, x, axis, dy, mean, invstd, w, b):
-    c = x.shape[axis]
-    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
-    return {
-        "forward": lambda: mod.batch_norm(x, rm, rv, w, b, True, axis=axis),
-        "eval": lambda: mod.batch_norm(x, rm, rv, w, b, False, axis=axis),
-        "backward": lambda: mod.batch_norm_backward(dy, x, mean, invstd, w, axis=axis),
-    }
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("rev", help="the commit to compare with (e.g. HEAD~1)")
@@ -67,12 +57,9 @@ def main(argv=None):
         ratios = {op: [] for op in _bench.OPS}
         for layout, shape, axis in _bench.STANDARD:
             x = rng.standard_normal(shape).astype(np.float32)
-            c = x.shape[axis]
-            dy = rng.standard_normal(shape).astype(np.float32)
-            w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
-            _, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis)
-            new = _calls(numbn, x, axis, dy, mean, invstd, w, b)
-            old = _calls(rev, x, axis, dy, mean, invstd, w, b)
+            # numbn bench's calls of either version, on the same x and dy.
+            new, old = (_bench._numbn_calls(x, axis, "cpu", np.random.default_rng(1), module=m)
+                        for m in (numbn, rev))
             for op in _bench.OPS:  # the same results first
                 got, want = new[op](), old[op]()
                 for a, o in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, want))):

@@ -114,7 +114,9 @@ def _median_interleaved(funcs, repeat, warm=False, seed=0):
     return [float(np.median(t)) for t in times]
 
 
-def _numbn_calls(x, axis, backend, rng):
+def _numbn_calls(x, axis, backend, rng, module=numbn):
+    """The timed calls of ``module`` (numbn, or another version of it:
+    ``benchmarks/against_commit.py``) on ``x``, dy drawn from ``rng``."""
     c = x.shape[axis]
     # float32 parameters and statistics, float64 for float64 x: mixed
     # precision for float16, as PyTorch's float16 BatchNorm keeps them.
@@ -122,12 +124,12 @@ def _numbn_calls(x, axis, backend, rng):
     w, b = np.ones(c, pdt), np.zeros(c, pdt)
     rm, rv = np.zeros(c, pdt), np.ones(c, pdt)
     dy = rng.standard_normal(x.shape).astype(x.dtype)
-    _, mean, invstd = numbn.batch_norm_forward(x, w, b, axis=axis, backend=backend)
+    _, mean, invstd = module.batch_norm_forward(x, w, b, axis=axis, backend=backend)
     return {
-        "forward": lambda: numbn.batch_norm(x, rm, rv, w, b, True, axis=axis, backend=backend),
-        "eval": lambda: numbn.batch_norm(x, rm, rv, w, b, False, axis=axis, backend=backend),
-        "backward": lambda: numbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
-                                                      backend=backend),
+        "forward": lambda: module.batch_norm(x, rm, rv, w, b, True, axis=axis, backend=backend),
+        "eval": lambda: module.batch_norm(x, rm, rv, w, b, False, axis=axis, backend=backend),
+        "backward": lambda: module.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                                       backend=backend),
     }
 
 

@@ -11,6 +11,7 @@ from conftest import make
 
 import numbn
 from numbn import _config, _cpu
+from numbn._layout import contiguous_view
 
 #: Channels-last rows, channel-major rows (short runs), fused channel-major.
 CASES = [((4, 6, 5, 16), -1), ((8, 6, 3, 2), 1), ((4, 6, 80), 1)]
@@ -110,9 +111,7 @@ def test_gradients_in_weight_dtype_are_the_float64_ones_rounded(rng, shape, axis
     """``backward_ready(..., grads=np.float32)`` rounds the float64 sums once,
     as ``astype`` would."""
     x, dy = make(rng, shape, np.float32), make(rng, shape, np.float32)
-    x3 = np.moveaxis(x, axis, 1).reshape(shape[0], shape[axis], -1) if axis == 1 else x.reshape(
-        -1, shape[axis], 1)
-    dy3 = dy.reshape(x3.shape) if axis != 1 else np.moveaxis(dy, axis, 1).reshape(x3.shape)
+    x3, dy3 = contiguous_view(x, axis), contiguous_view(dy, axis)
     c = x3.shape[1]
     mean, inv, w = (make(rng, c, np.float32, m, 0.1) for m in (0.5, 0.4, 1.0))
     dx64, dx32 = np.empty_like(x3), np.empty_like(x3)
