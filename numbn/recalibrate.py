@@ -82,14 +82,16 @@ def _layers(layers) -> list[BatchNorm]:
     return unique
 
 
-def _observer(total: _Total, previous):
-    """A layer observer that adds each batch to ``total``, then calls ``previous``
-    (an enclosing ``recalibrate`` block's, for instance)."""
+def _observer(total: _Total, previous, held: list):
+    """A layer observer that adds each batch to ``total`` and, when an
+    enclosing block observes the layer too (``previous``), keeps the batch in
+    ``held`` for it: handed on only when this block ends normally, so that an
+    inner block that raises adds nothing to the outer one."""
 
     def observe(layer, mean, var, count):
         total.add(mean, var, count)
         if previous is not None:
-            previous(layer, mean, var, count)
+            held.append((layer, _host64(mean).copy(), _host64(var).copy(), count))
 
     return observe
 
@@ -118,6 +120,10 @@ def recalibrate(layers):
     If the block raises, every layer is left exactly as it was: running
     statistics (the same arrays, should the block have replaced them),
     ``num_batches_tracked``, mode, momentum, gradients.
+
+    Blocks nest: the batches of an inner block over a layer also count in the
+    enclosing block's result, once the inner block ends normally; an inner
+    block that raises adds nothing to the enclosing one.
 
     Parameters
     ----------
@@ -154,6 +160,7 @@ def recalibrate(layers):
              for bn in layers}
     totals = {id(bn): _Total(0, np.zeros(bn.num_features), np.zeros(bn.num_features))
               for bn in layers}
+    held = {id(bn): [] for bn in layers}
 
     def restore(bn: BatchNorm) -> None:
         attrs, mean, var = saved[id(bn)]
@@ -163,7 +170,7 @@ def recalibrate(layers):
         _write(bn.running_var, var, bn.dtype)
 
     for bn in layers:
-        bn._observer = _observer(totals[id(bn)], bn._observer)
+        bn._observer = _observer(totals[id(bn)], bn._observer, held[id(bn)])
         bn.momentum = _no_update_momentum(bn)
         bn._frozen = False
         bn.training = True
@@ -175,6 +182,8 @@ def recalibrate(layers):
         raise
     for bn in layers:
         restore(bn)
+        for batch in held[id(bn)]:  # to the enclosing block's observer
+            bn._observer(*batch)
         total = totals[id(bn)]
         if total.batches == 0:
             continue

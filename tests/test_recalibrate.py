@@ -225,6 +225,27 @@ def test_nested_blocks_share_the_batches():
     assert not bn.training
 
 
+def test_nested_block_that_raises_adds_nothing_to_the_outer_one():
+    rng = np.random.default_rng(9)
+    bn = numbn.BatchNorm(3, dtype=np.float64).eval()
+    other = numbn.BatchNorm(3, dtype=np.float64).eval()
+    batches = shifted_batches(rng)
+    with numbn.recalibrate([bn, other]):
+        bn(batches[0])
+        other(batches[0])
+        with pytest.raises(RuntimeError, match="boom"):
+            with numbn.recalibrate(bn):
+                bn(batches[1])
+                raise RuntimeError("boom")
+        with numbn.recalibrate(other):
+            other(batches[1])
+        bn(batches[2])
+        other(batches[2])
+    assert_stats(bn, *population(batches[0:3:2], 1, unbiased=True))
+    assert_stats(other, *population(batches[:3], 1, unbiased=True))
+    assert bn.num_batches_tracked == 2 and other.num_batches_tracked == 3
+
+
 def test_an_infinity_gives_the_mean_of_all_the_data():
     """A batch whose channel holds +inf: the re-estimated mean of that channel
     is +inf, as the mean of everything seen is, not the NaN of inf - inf
