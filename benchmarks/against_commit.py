@@ -8,7 +8,9 @@ PyTorch's call (when installed) and a copy of x as ``numbn bench`` interleaves
 them, so that both versions see the same cache and allocator history. Prints
 this tree's time over REV's per input and operation, and their geometric
 means. REV's kernels compile on the first run (into its own Numba cache,
-kept in the folder for the run only: a few minutes).
+kept in the folder for the run only: a few minutes); with ``--folder DIR``
+REV is unpacked into DIR and kept there, compiled kernels included, for the
+next run against the same commit.
 
 Differences between two runs of ``numbn bench`` are mostly this machine's
 noise (2x between runs); a ratio taken this way is not.
@@ -17,7 +19,9 @@ noise (2x between runs); a ratio taken this way is not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -32,14 +36,21 @@ from numbn import _bench
 
 
 def _import_rev(rev: str, folder: Path):
-    """REV's ``numbn`` as the module ``numbn_rev`` (its imports are relative)."""
+    """REV's ``numbn`` as the module ``numbn_rev`` (its imports are relative),
+    unpacked into ``folder`` unless the commit there is REV already."""
     root = Path(numbn.__file__).resolve().parent.parent
-    archive = folder / "rev.tar"
-    subprocess.run(["git", "-C", str(root), "archive", "-o", str(archive), rev, "numbn"],
-                   check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(folder, filter="data")
-    (folder / "numbn").rename(folder / "numbn_rev")
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", rev], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    marker = folder / "numbn_rev.commit"
+    if not (marker.exists() and marker.read_text() == commit):
+        shutil.rmtree(folder / "numbn_rev", ignore_errors=True)
+        archive = folder / "rev.tar"
+        subprocess.run(["git", "-C", str(root), "archive", "-o", str(archive), commit, "numbn"],
+                       check=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(folder, filter="data")
+        (folder / "numbn").rename(folder / "numbn_rev")
+        marker.write_text(commit)
     sys.path.insert(0, str(folder))
     return importlib.import_module("numbn_rev")
 
@@ -48,9 +59,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("rev", help="the commit to compare with (e.g. HEAD~1)")
     p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--folder", type=Path, help="unpack REV here and keep it (default: a "
+                   "temporary folder)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        rev = _import_rev(args.rev, Path(tmp))
+    with contextlib.ExitStack() as stack:
+        if args.folder is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        else:
+            folder = args.folder
+            folder.mkdir(parents=True, exist_ok=True)
+        rev = _import_rev(args.rev, folder)
         print(f"this tree over {args.rev}: time ratio (median of {args.rounds} interleaved "
               f"runs, float32, {numba.get_num_threads()} threads)")
         rng = np.random.default_rng(0)

@@ -77,7 +77,7 @@ from numba.extending import intrinsic, overload
 from numba.np.arrayobj import populate_array
 
 from . import _checks, _config, _reference
-from ._layout import dense_view
+from ._layout import contiguous_view, dense_view
 
 _FASTMATH = {"reassoc", "contract"}
 #: ``error_model="numpy"``: a float division by zero gives inf or NaN, as in
@@ -2331,23 +2331,47 @@ def infer_ready(x3, mean, var, w, b, eps, relu, y3) -> None:
     plan = _plans.get(key)
     if plan is None:
         plan = _plan(key, _infer_plan(_bits(x3), _bits(y3)))
-    kernel, rows, half, zero, split, ahead, inner, stream = plan
+    _infer_launch(plan, x3, mean, var, w, b, eps, relu, y3)
+
+
+def infer_dense(x, axis, mean, var, w, b, eps, relu, y, aligned=True) -> None:
+    """:func:`infer_ready` of a C-contiguous ``x`` whose channel axis is
+    ``axis`` into ``y``, C-contiguous of its shape and dtype (``aligned``:
+    ``y.flags.aligned``), as ``numbn.functional``'s direct path has checked
+    them (:func:`~numbn._layout.contiguous_view` serves ``x``). Planned by
+    shape and axis, which fix a C-contiguous array's strides: no ``(outer, C,
+    inner)`` view made and no strides read, each a microsecond or two of a
+    call that runs with cold caches (:func:`_dense_plan`)."""
+    key = ("infer dense", x.shape, axis, x.dtype, aligned, _threads())
+    plan = _plans.get(key)
+    if plan is None:
+        x3 = contiguous_view(x, axis)
+        plan = _plan(key, _infer_plan(_bits(x3), _bits(y.reshape(x3.shape))))
+    _infer_launch(plan, x, mean, var, w, b, eps, relu, y)
+
+
+def _infer_launch(plan, x, mean, var, w, b, eps, relu, y) -> None:
+    """:func:`infer_ready`'s launch by ``plan`` (:func:`_infer_plan`) of
+    ``x`` and ``y``, arrays that reshape to its view shape."""
+    kernel, shape, half, zero, split, ahead, inner, stream = plan
+    if half:
+        x, y = _bits(x), _bits(y)
+    x, y = x.reshape(shape), y.reshape(shape)
     if kernel is None:  # an input that the plans do not serve: converted per call
-        _launch_elementwise(_infer_channel_major, _infer_rows, _bits(x3), _bits(y3), mean, var,
-                            w, b, float(eps), relu)
-        return
-    x, y = (_bits(x3), _bits(y3)) if half else (x3, y3)
-    if rows is None:
+        _launch_elementwise(_infer_channel_major, _infer_rows, x, y, mean, var, w, b,
+                            float(eps), relu)
+    elif len(shape) == 3:
         kernel(x, mean, var, w, b, float(eps), relu, zero, y, split, _threads(), stream)
     else:
-        kernel(x.reshape(rows), mean, var, w, b, float(eps), relu, zero, y.reshape(rows), split,
-               ahead, inner, stream)
+        kernel(x, mean, var, w, b, float(eps), relu, zero, y, split, ahead, inner, stream)
 
 
 def _infer_plan(x3, y3) -> tuple:
     """:func:`infer_ready`'s plan for ``x3`` and ``y3`` (float16 as its bits):
     what :func:`_launch_elementwise` would choose, or no kernel when the
-    channel-major kernel would need a dense copy of either."""
+    channel-major kernel would need a dense copy of either. The second item
+    is the shape the kernel takes its arrays in: the rows views' 2-D one
+    (:func:`_rows_shape`) or ``(outer, C, inner)``."""
     half = x3.dtype == np.uint16
     views = _row_views(x3, y3, max_inner=_config.CPU_ROWS_ELEMENTWISE_MAX_INNER)
     if views is not None:
@@ -2355,8 +2379,8 @@ def _infer_plan(x3, y3) -> tuple:
         return (_infer_rows.on(x3.size), _rows_shape(x3), half, _zero(x3), _row_tasks(x3),
                 _ahead(x2), x3.shape[2], _stream(y2, x2))
     if not (_unit(x3) and _unit(y3)):
-        return (None,) * 8
-    return (_infer_channel_major.on(x3.size), None, half, _zero(x3), _isplit(x3), 0, 0,
+        return (None, x3.shape, half) + (None,) * 5
+    return (_infer_channel_major.on(x3.size), x3.shape, half, _zero(x3), _isplit(x3), 0, 0,
             _stream(y3, x3))
 
 
@@ -2492,33 +2516,52 @@ def train_ready(x3, w, b, eps, relu, y3):
     plan = _plans.get(key)
     if plan is None:
         plan = _plan(key, _train_plan(_bits(x3), _bits(y3)))
-    kernel, rows, half, zero, split, block, ahead, inner, stream = plan
+    return _train_launch(plan, x3, w, b, eps, relu, y3)
+
+
+def train_dense(x, axis, w, b, eps, relu, y, aligned=True):
+    """:func:`train_ready` of a C-contiguous ``x`` and ``y`` as
+    :func:`infer_dense` takes them, planned by shape and axis."""
+    key = ("train dense", x.shape, axis, x.dtype, aligned, _threads())
+    plan = _plans.get(key)
+    if plan is None:
+        x3 = contiguous_view(x, axis)
+        plan = _plan(key, _train_plan(_bits(x3), _bits(y.reshape(x3.shape))))
+    return _train_launch(plan, x, w, b, eps, relu, y)
+
+
+def _train_launch(plan, x, w, b, eps, relu, y):
+    """:func:`train_ready`'s launch by ``plan`` (:func:`_train_plan`):
+    ``(mean, var)``, or None where the plan has no kernel."""
+    kernel, shape, C, half, zero, split, block, ahead, inner, stream = plan
     if kernel is None:
         return None
-    x, y = (_bits(x3), _bits(y3)) if half else (x3, y3)
-    C = x3.shape[1]
+    if half:
+        x, y = _bits(x), _bits(y)
     mean, var = np.empty(C), np.empty(C)
-    if rows is None:
+    x, y = x.reshape(shape), y.reshape(shape)
+    if len(shape) == 3:
         kernel(x, w, b, float(eps), relu, block, zero, y, mean, var, stream)
     else:
-        kernel(x.reshape(rows), w, b, float(eps), relu, split, block, zero, y.reshape(rows),
-               mean, var, ahead, inner, stream)
+        kernel(x, w, b, float(eps), relu, split, block, zero, y, mean, var, ahead, inner, stream)
     return mean, var
 
 
 def _train_plan(x3, y3) -> tuple:
     """:func:`train_ready`'s plan (float16 as its bits): no kernel for an
-    input better served by :func:`stats` then :func:`normalize`."""
+    input better served by :func:`stats` then :func:`normalize`. The kernel's
+    view shape (as :func:`_infer_plan`'s) and C follow the kernel."""
     half = x3.dtype == np.uint16
+    C = x3.shape[1]
     views = _row_views(x3, y3)
     if views is not None:
         x2, y2 = views
-        return (_train_rows.on(x3.size), _rows_shape(x3), half, _zero(x3), _row_tasks(x3),
+        return (_train_rows.on(x3.size), _rows_shape(x3), C, half, _zero(x3), _row_tasks(x3),
                 _block_rows(x2), _ahead(x2), x3.shape[2], _stream(y2, x2))
     if not _fusable(x3):
-        return (None,) * 9
-    return (_train_fused.on(x3.size), None, half, _zero(x3), 0, _config.CPU_BLOCK, 0, 0,
-            _stream_slabs(y3, x3))
+        return (None,) * 10
+    return (_train_fused.on(x3.size), x3.shape, C, half, _zero(x3), 0, _config.CPU_BLOCK, 0,
+            0, _stream_slabs(y3, x3))
 
 
 def backward_fused(dy3, x3, mean, inv, w, b, relu, training, dx3):
@@ -2552,18 +2595,37 @@ def backward_ready(dy3, x3, mean, inv, w, b, relu, training, dx3, grads=np.float
     plan = _plans.get(key)
     if plan is None:
         plan = _plan(key, _backward_plan(_bits(dy3), _bits(x3), _bits(dx3)))
-    kernel, rows, half, zero, split, block, ahead, inner, stream = plan
+    return _backward_launch(plan, dy3, x3, mean, inv, w, b, relu, training, dx3, grads)
+
+
+def backward_dense(dy, x, axis, mean, inv, w, b, relu, training, dx, grads=np.float64):
+    """:func:`backward_ready` of C-contiguous ``dy``, ``x`` and ``dx`` of one
+    shape (``dx`` aligned, of x's dtype) as :func:`infer_dense` takes them,
+    planned by shape and axis."""
+    key = ("backward dense", x.shape, axis, x.dtype, dy.dtype, _threads())
+    plan = _plans.get(key)
+    if plan is None:
+        x3 = contiguous_view(x, axis)
+        plan = _plan(key, _backward_plan(_bits(dy.reshape(x3.shape)), _bits(x3),
+                                         _bits(dx.reshape(x3.shape))))
+    return _backward_launch(plan, dy, x, mean, inv, w, b, relu, training, dx, grads)
+
+
+def _backward_launch(plan, dy, x, mean, inv, w, b, relu, training, dx, grads):
+    """:func:`backward_ready`'s launch by ``plan`` (:func:`_backward_plan`):
+    ``(dweight, dbias)``, or None where the plan has no kernel."""
+    kernel, shape, C, half, zero, split, block, ahead, inner, stream = plan
     if kernel is None:
         return None
-    if half:  # dy3 may be float32 there (backward_fused's callers' mixed precision)
-        dy3, x3, dx3 = _bits(dy3), _bits(x3), _bits(dx3)
-    C = x3.shape[1]
+    if half:  # dy may be float32 there (backward_fused's callers' mixed precision)
+        dy, x, dx = _bits(dy), _bits(x), _bits(dx)
     dw, db = np.empty(C, grads), np.empty(C, grads)
-    if rows is None:
-        kernel(dy3, x3, mean, inv, w, b, relu, training, split, block, zero, dx3, db, dw, stream)
+    dy, x, dx = dy.reshape(shape), x.reshape(shape), dx.reshape(shape)
+    if len(shape) == 3:
+        kernel(dy, x, mean, inv, w, b, relu, training, split, block, zero, dx, db, dw, stream)
     else:
-        kernel(dy3.reshape(rows), x3.reshape(rows), mean, inv, w, b, relu, training, split,
-               block, zero, ahead, dx3.reshape(rows), db, dw, inner, stream, _threads())
+        kernel(dy, x, mean, inv, w, b, relu, training, split, block, zero, ahead, dx, db, dw,
+               inner, stream, _threads())
     return dw, db
 
 
@@ -2571,14 +2633,16 @@ def _backward_plan(dy3, x3, dx3) -> tuple:
     """:func:`backward_ready`'s plan (float16 as its bits): no kernel for an
     input better served by the two-pass kernels."""
     half = x3.dtype == np.uint16
+    C = x3.shape[1]
     views = _row_views(x3, dy3, dx3)
     if views is not None:
         x2, dy2, dx2 = views
-        return (_backward_rows.on(x3.size), _rows_shape(x3), half, _zero(x3), _row_tasks(x3),
-                _block_rows(x2), _ahead(x2), x3.shape[2], _stream(dx2, x2, dy2))
+        return (_backward_rows.on(x3.size), _rows_shape(x3), C, half, _zero(x3),
+                _row_tasks(x3), _block_rows(x2), _ahead(x2), x3.shape[2],
+                _stream(dx2, x2, dy2))
     if not _fusable(x3) or not dy3.flags.c_contiguous:
-        return (None,) * 9
-    return (_backward_fused.on(x3.size), None, half, _zero(x3), _channel_group(x3),
+        return (None,) * 10
+    return (_backward_fused.on(x3.size), x3.shape, C, half, _zero(x3), _channel_group(x3),
             _config.CPU_BLOCK, 0, 0, _stream_slabs(dx3, x3, dy3))
 
 

@@ -8,7 +8,7 @@ per-channel coefficients itself from the caller's vectors: the host side is
 validation, a view and an allocation, and it does no floating-point
 arithmetic to guard. The plainest of those calls (C-contiguous NumPy
 float16/32/64 input, vectors as the kernels take them) skip even the
-general checks by the direct path (:func:`_direct_view`): a call usually
+general checks by the direct path (:func:`_direct_channels`): a call usually
 runs with cold caches, where every Python-level call counts. The two-pass
 forms (CUDA, SyncBatchNorm, inputs the fused kernels do not serve) share the
 coefficient arithmetic here, in float64 under ``np.errstate``.
@@ -139,40 +139,49 @@ def _dense_runs(x, plan, axis):
     return x, Plan.of(x, axis)
 
 
-def _direct_view(x, axis, backend):
-    """The ``(outer, C, inner)`` view of ``x`` when the call may take the
-    direct path: a C-contiguous, non-empty NumPy ``x`` of float16, float32 or
-    float64 with two or more channels, an integer ``axis`` in range, and the
-    ``"cpu"`` backend. None otherwise, and the general path validates and
-    runs the call.
+_F16, _F32, _F64 = _checks.FLOAT_DTYPES
+
+
+def _direct_channels(x, axis, backend) -> int:
+    """C when the call may take the direct path, else 0 (and the general path
+    validates and runs the call): a C-contiguous, non-empty NumPy ``x`` of
+    float16, float32 or float64 with two or more channels, an integer
+    ``axis`` in range, and the ``"cpu"`` backend.
 
     The direct path (eval, training forward, backward) checks exactly what
-    the general path's checks and conversions would find nothing to do about,
-    with the attributes the kernels need, and calls the kernel launcher: about
-    10 Python-level calls, not 25 to 30. A call runs just after a kernel (the
-    caller's or its own last one) has streamed the caches out, where each
-    costs 1-3 us (``benchmarks/call_overhead.py``).
+    the general path's checks and conversions would find nothing to do about
+    and calls the kernel launcher, which plans by ``x``'s shape and ``axis``
+    (``numbn._cpu.infer_dense``): no ``(outer, C, inner)`` view is made. A
+    call runs just after a kernel (the caller's or its own last one) has
+    streamed the caches out, where each Python-level call or attribute
+    costs up to a microsecond or so (``benchmarks/call_overhead.py``). The
+    host side of NHWC (8, 28, 28, 256) float32 in ``numbn bench``'s
+    interleaving (every planned kernel replaced by one that does nothing),
+    before and after this path took its present form (no view, the common
+    checks inline, one call per check where it made two): eval 18.5 to 13.4
+    us, training forward 27.3 to 19.4, backward 24.9 to 16.0; at 2-D (256,
+    1024), 8.6 to 6.6, 11.4 to 9.3, 10.1 to 8.3.
     """
-    if type(x) is not np.ndarray or type(axis) is not int or x.dtype not in _checks.FLOAT_DTYPES:
-        return None
+    if type(x) is not np.ndarray or type(axis) is not int:
+        return 0
+    dt = x.dtype  # NumPy's own float dtypes are singletons: `is` first, the cheap test
+    if dt is not _F32 and dt is not _F64 and dt is not _F16 and dt not in _checks.FLOAT_DTYPES:
+        return 0
     if backend != "cpu" and (backend != "auto" or _dispatch._default not in ("auto", "cpu")):
-        return None
-    nd = x.ndim
+        return 0
+    shape = x.shape
+    nd = len(shape)
     if nd < 2 or not -nd <= axis < nd:
-        return None
-    return contiguous_view(x, axis)
-
-
-def _ready(c: int, *vectors) -> bool:
-    """True when the vectors are valid for the general path's checks and as
-    the kernels take them unconverted (``_checks.kernel_ready`` with shape
-    ``(c,)``)."""
-    return _checks.kernel_ready(vectors, c)
+        return 0
+    c = shape[axis]
+    if c < 2 or x.size == 0 or not x.flags.c_contiguous:
+        return 0
+    return c
 
 
 def _direct_activation(activation):
     """``relu`` as a bool for a valid ``activation``; None for anything else
-    (the general path raises for it)."""
+    (the general path raises for it). The callers take None inline."""
     if activation is None:
         return False
     if type(activation) is str and activation == "relu":
@@ -374,12 +383,20 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     >>> rm, rv  # 0.1 of the batch mean (4.5, 6.5) and unbiased variance (13.1)
     (array([0.45, 0.65], dtype=float32), array([2.21, 2.21], dtype=float32))
     """
-    eps = _checks.eps(eps)
-    momentum = _checks.momentum(momentum)  # also in eval, as PyTorch's batch_norm checks it
-    target = _direct_out(out, x)
+    # The common case of each check inline: a call costs about a microsecond
+    # with the caches cold (_direct_channels).
+    if type(eps) is not float or not eps >= 0.0:
+        eps = _checks.eps(eps)
+    if type(momentum) is not float:  # also in eval, as PyTorch's batch_norm checks it
+        momentum = _checks.momentum(momentum)
+    target = None if out is None else _direct_out(out, x)
     if target is not False:
-        y = _direct_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
-                               eps, axis, backend, activation, target)
+        if training:
+            y = _direct_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps,
+                                   axis, backend, activation, target)
+        else:
+            y = _direct_infer(x, running_mean, running_var, weight, bias, eps, axis, backend,
+                              activation, target)
         if y is not None:
             return y
     axis, relu = _check_forward(x, weight, bias, axis, out, activation)
@@ -429,56 +446,58 @@ def _stand_ins(weight, bias, c, like):
 
 def _direct_infer(x, mean, var, weight, bias, eps, axis, backend, activation, out=None,
                   channels=None):
-    """The eval forward by the direct path (:func:`_direct_view`): ``y``
+    """The eval forward by the direct path (:func:`_direct_channels`): ``y``
     (``out`` when given, :func:`_direct_out`), or None to leave the call to
     the general path. ``weight`` and ``bias`` may be None (:func:`_stand_ins`).
     ``channels``: the C that x must have (a layer's ``num_features``), if
     any; other input goes to the general path, which names the mismatch."""
-    x3 = _direct_view(x, axis, backend)
-    relu = _direct_activation(activation)
-    if x3 is None or relu is None or channels not in (None, x3.shape[1]):
+    c = _direct_channels(x, axis, backend)
+    relu = False if activation is None else _direct_activation(activation)
+    if not c or relu is None or channels not in (None, c):
         return None
-    weight, bias = _stand_ins(weight, bias, x3.shape[1], mean)
-    if not _ready(x3.shape[1], mean, var, weight, bias):
+    if weight is None or bias is None:
+        weight, bias = _stand_ins(weight, bias, c, mean)
+    if not _checks.kernel_ready((mean, var, weight, bias), c):
         return None
     y = empty(x.shape, x.dtype) if out is None else out
-    _cpu_kernels().infer_ready(x3, mean, var, weight, bias, eps, relu, y.reshape(x3.shape))
+    _cpu_kernels().infer_dense(x, axis, mean, var, weight, bias, eps, relu, y,
+                               out is None or out.flags.aligned)
     return y
 
 
 def _direct_train(x, weight, bias, eps, axis, backend, activation, *running, out=None,
                   channels=None):
-    """The training forward by the direct path (:func:`_direct_view`):
+    """The training forward by the direct path (:func:`_direct_channels`):
     ``(y, mean, var_biased, count)``, or None to leave the call to the
     general path. Takes ``weight`` and ``bias`` (None: :func:`_stand_ins`), two or more values per
-    channel, and an input the one-call kernel serves (``numbn._cpu.train_ready``);
+    channel, and an input the one-call kernel serves (``numbn._cpu.train_dense``);
     ``running``, the running statistics the caller will update, must be as
     the kernels take them too. ``y`` is ``out`` when given (:func:`_direct_out`);
     ``channels`` as :func:`_direct_infer`'s."""
-    x3 = _direct_view(x, axis, backend)
-    relu = _direct_activation(activation)
-    if x3 is None or relu is None or channels not in (None, x3.shape[1]):
+    c = _direct_channels(x, axis, backend)
+    relu = False if activation is None else _direct_activation(activation)
+    if not c or relu is None or channels not in (None, c):
         return None
-    outer, c, inner = x3.shape
-    n = outer * inner
-    weight, bias = _stand_ins(weight, bias, c, weight if weight is not None else bias)
-    if n < 2 or not _ready(c, weight, bias) or (running and not _ready(c, *running)):
+    n = x.size // c
+    if weight is None or bias is None:
+        weight, bias = _stand_ins(weight, bias, c, weight if weight is not None else bias)
+    if n < 2 or not _checks.kernel_ready((weight, bias), c) or (
+            running and not _checks.kernel_ready(running, c)):
         return None
     y = empty(x.shape, x.dtype) if out is None else out
-    stats = _cpu_kernels().train_ready(x3, weight, bias, eps, relu, y.reshape(x3.shape))
+    # The launchers plan an output at an odd byte offset apart (no streamed stores).
+    stats = _cpu_kernels().train_dense(x, axis, weight, bias, eps, relu, y,
+                                       out is None or out.flags.aligned)
     if stats is None:
         return None
     return y, stats[0], stats[1], n
 
 
-def _direct_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                       axis, backend, activation, out=None):
-    """:func:`batch_norm` by the direct path: ``y`` (``out`` when given,
-    :func:`_direct_out`), or None to leave the call to the general path (in
-    training, running statistics both given or both None)."""
-    if not training:
-        return _direct_infer(x, running_mean, running_var, weight, bias, eps, axis, backend,
-                             activation, out)
+def _direct_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, axis,
+                       backend, activation, out=None):
+    """:func:`batch_norm` in training by the direct path: ``y`` (``out``
+    when given, :func:`_direct_out`), or None to leave the call to the
+    general path (running statistics both given or both None)."""
     track = running_mean is not None or running_var is not None
     done = _direct_train(x, weight, bias, eps, axis, backend, activation,
                          *((running_mean, running_var) if track else ()), out=out)
@@ -659,18 +678,17 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, training
 
 
 def _direct_backward(dy, x, mean, invstd, weight, bias, training, axis, backend, activation):
-    """:func:`batch_norm_backward` by the direct path (:func:`_direct_view`):
+    """:func:`batch_norm_backward` by the direct path (:func:`_direct_channels`):
     ``(dx, dweight, dbias)``, or None to leave the call to the general path.
     Takes ``dy`` of x's shape, dtype and layout, ``weight`` (None: :func:`_stand_ins`), a bool
     ``training`` (with two or more values per channel), and channels whose
-    one-call kernel applies (``numbn._cpu.backward_ready``)."""
-    x3 = _direct_view(x, axis, backend)
-    relu = _direct_activation(activation)
-    if (x3 is None or relu is None or type(training) is not bool or type(dy) is not np.ndarray
+    one-call kernel applies (``numbn._cpu.backward_dense``)."""
+    c = _direct_channels(x, axis, backend)
+    relu = False if activation is None else _direct_activation(activation)
+    if (not c or relu is None or type(training) is not bool or type(dy) is not np.ndarray
             or dy.dtype != x.dtype or dy.shape != x.shape or not dy.flags.c_contiguous):
         return None
-    outer, c, inner = x3.shape
-    if training and outer * inner < 2:
+    if training and x.size // c < 2:
         return None
     # Without the ReLU the kernels read bias for nothing (it only places the
     # mask), so weight stands in for a missing one.
@@ -678,13 +696,13 @@ def _direct_backward(dy, x, mean, invstd, weight, bias, training, axis, backend,
         w, b = weight, weight
     else:
         w, b = _stand_ins(weight, bias, c, mean)
-    if not _ready(c, mean, invstd, w, b):
+    if not _checks.kernel_ready((mean, invstd, w, b), c):
         return None
     dx = empty(x.shape, x.dtype)
-    # The gradients come in weight's dtype (w's: _ready checked it), rounded
+    # The gradients come in weight's dtype (w's: kernel_ready checked it), rounded
     # once from the kernel's float64.
-    grads = _cpu_kernels().backward_ready(dy.reshape(x3.shape), x3, mean, invstd, w, b,
-                                          relu, training, dx.reshape(x3.shape), w.dtype)
+    grads = _cpu_kernels().backward_dense(dy, x, axis, mean, invstd, w, b, relu, training, dx,
+                                          w.dtype)
     if grads is None:
         return None
     if weight is None:  # as the general path: no parameters, no gradients for them

@@ -352,7 +352,7 @@ class BatchNorm:
 
     def _direct_forward(self, x):
         """:meth:`forward` by the functions' direct path
-        (``numbn.functional._direct_view``): ``y``, or None to leave the call
+        (``numbn.functional._direct_channels``): ``y``, or None to leave the call
         to :meth:`_forward`. Takes parameters and running statistics as the
         kernels take them (NumPy float32/float64 vectors), so there is
         nothing to place. An input without ``num_features`` channels goes

@@ -1,4 +1,4 @@
-"""The direct path of the functional API (``numbn.functional._direct_view``):
+"""The direct path of the functional API (``numbn.functional._direct_channels``):
 the calls it takes give exactly what the general path gives, and it steps
 aside for everything else (other backends, layouts, dtypes, bad input)."""
 
@@ -21,7 +21,7 @@ def spy(monkeypatch):
     functions get (``functional._cpu_kernels``) with those three counted (the
     general path's own use of them, inside ``train_fused`` and
     ``backward_fused``, is not)."""
-    seen = {"infer_ready": 0, "train_ready": 0, "backward_ready": 0}
+    seen = {"infer_dense": 0, "train_dense": 0, "backward_dense": 0}
 
     class Counted:
         def __getattr__(self, name):
@@ -40,7 +40,7 @@ def spy(monkeypatch):
 
 
 def _general(monkeypatch):
-    monkeypatch.setattr(functional, "_direct_view", lambda x, axis, backend: None)
+    monkeypatch.setattr(functional, "_direct_channels", lambda x, axis, backend: 0)
 
 
 def _calls(x, dy, axis, vdt, activation, rng):
@@ -100,7 +100,7 @@ def test_direct_equals_general(shape, axis, dtype, vdt, activation, spy, monkeyp
     backwards += 2
     # The eval without weight takes ones of the running statistics' dtype (vdt),
     # bias of vdt too; the forward without bias, zeros of the weight's.
-    assert spy == {"infer_ready": 3, "train_ready": 7, "backward_ready": backwards}
+    assert spy == {"infer_dense": 3, "train_dense": 7, "backward_dense": backwards}
     _general(monkeypatch)
     general = _calls(x, dy, axis, vdt, activation, np.random.default_rng(1))
     assert len(direct) == len(general)
@@ -133,9 +133,9 @@ def test_direct_path_declines(spy, rng):
         numbn.batch_norm(big[1:], rm, rv, w, b, training=False, out=big[:8])
     with numbn.set_backend("numpy"):
         numbn.batch_norm(x, rm, rv, w, b, training=False)
-    assert spy == {"infer_ready": 0, "train_ready": 0, "backward_ready": 0}
+    assert spy == {"infer_dense": 0, "train_dense": 0, "backward_dense": 0}
     numbn.batch_norm(x, rm, rv, w, b, training=False)
-    assert spy["infer_ready"] == 1
+    assert spy["infer_dense"] == 1
 
 
 @pytest.mark.parametrize("call", [
@@ -199,7 +199,7 @@ def test_layer_direct_equals_general(convention, momentum, track, freeze_at, spy
     xs = [make(rng, shape, np.float32) for _ in range(3)]
     dys = [make(rng, shape, np.float32, 0.0, 1.0) for _ in range(3)]
     direct = _layer_steps(convention, momentum, track, freeze_at, xs, dys)
-    assert spy["infer_ready"] + spy["train_ready"] == 3  # every forward took it
+    assert spy["infer_dense"] + spy["train_dense"] == 3  # every forward took it
     _general(monkeypatch)
     general = _layer_steps(convention, momentum, track, freeze_at, xs, dys)
     for k, (p, q) in enumerate(zip(direct, general)):

@@ -10,7 +10,7 @@ import pytest
 from conftest import make
 
 import numbn
-from numbn import _config, _cpu
+from numbn import _config, _cpu, functional
 from numbn._layout import contiguous_view
 
 #: Channels-last rows, channel-major rows (short runs), fused channel-major.
@@ -34,7 +34,7 @@ def test_a_plan_serves_every_call_of_its_layout(rng, shape, axis):
     w, b = make(rng, c, np.float32, 1.0, 0.5), make(rng, c, np.float32)
     first = _calls(x, axis, dy, w, b)
     kinds = sorted(key[0] for key in _cpu._plans)
-    assert kinds == ["backward", "infer", "train"]
+    assert kinds == ["backward dense", "infer dense", "train dense"]
     plans = dict(_cpu._plans)
     other_x, other_dy = make(rng, shape, np.float32), make(rng, shape, np.float32)
     again = _calls(other_x, axis, other_dy, w, b)  # other data, same layout
@@ -57,7 +57,7 @@ def test_a_setting_drops_the_plans(rng, monkeypatch):
     assert not _cpu._plans
     numbn.batch_norm_forward(x, backend="cpu")
     (plan,) = _cpu._plans.values()
-    assert plan[5] == _cpu._block_rows(x) == 64  # planned with the new setting (512 before)
+    assert plan[6] == _cpu._block_rows(x) == 64  # planned with the new setting (512 before)
     monkeypatch.undo()
     assert not _cpu._plans
 
@@ -73,7 +73,7 @@ def test_plans_follow_the_thread_count(rng):
         y_one = numbn.batch_norm_forward(x, backend="cpu")
     finally:
         numba.set_num_threads(before)
-    splits = sorted(plan[4] for plan in _cpu._plans.values())
+    splits = sorted(plan[5] for plan in _cpu._plans.values())
     assert splits == sorted({1, _cpu._row_tasks(x.reshape(4096, 16, 1))})
     for a, b in zip(y, y_one):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
@@ -138,5 +138,35 @@ def test_float16_x_with_float32_dy_has_a_plan_of_its_own(rng, shape, axis):
         for g, e in zip(got, want):
             np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(e, np.float64),
                                        rtol=3e-3, atol=3e-3 * (np.abs(e).max() + 1))
-    dtypes = sorted(str(key[5]) for key in _cpu._plans if key[0] == "backward")
+    # float16 dy takes the direct path (its key: shape, axis, x's dtype, dy's),
+    # float32 dy the general path's backward_ready (shape, strides, dtype, dy's).
+    dtypes = sorted(str(key[4] if key[0] == "backward dense" else key[5])
+                    for key in _cpu._plans if key[0].startswith("backward"))
     assert dtypes == ["float16", "float32"]
+
+
+def test_direct_plans_are_keyed_on_shape_and_axis(rng, monkeypatch):
+    """The direct path plans by x's shape and channel axis (``_cpu.infer_dense``
+    and its kin; C-contiguity, which the path checks, fixes the strides): one
+    shape with its channels on different axes gets plans of its own for each
+    axis, each giving what the general path gives; an input of a planned
+    shape that is not C-contiguous takes the general path, also right."""
+    shape = (6, 8, 8, 6)
+    x, dy = make(rng, shape, np.float32), make(rng, shape, np.float32)
+    axes = (1, 3, -1, 2)
+    params = {a: (make(rng, shape[a], np.float32, 1.0, 0.5), make(rng, shape[a], np.float32))
+              for a in axes}
+    direct = {a: _calls(x, a, dy, *params[a]) for a in axes}
+    assert sorted(key[2] for key in _cpu._plans) == sorted(axes * 3)
+    assert {key[0] for key in _cpu._plans} == {"infer dense", "train dense", "backward dense"}
+    xt = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert xt.shape == shape and not xt.flags.c_contiguous
+    planned = set(_cpu._plans)
+    for a in (1, 3):  # other kernels there: equal to float32 rounding
+        for g, e in zip(_calls(xt, a, dy, *params[a]), direct[a]):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    assert not any(key[0].endswith("dense") for key in set(_cpu._plans) - planned)
+    monkeypatch.setattr(functional, "_direct_channels", lambda x, axis, backend: 0)
+    for a in axes:
+        for g, e in zip(_calls(x, a, dy, *params[a]), direct[a]):
+            np.testing.assert_array_equal(g, e)
