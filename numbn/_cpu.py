@@ -121,7 +121,8 @@ _forked_from_openmp = False
 
 #: The launch plans of :func:`infer_ready`, :func:`train_ready` and
 #: :func:`backward_ready`, by the layout of their arrays and the calling
-#: thread's thread count (:func:`_plan`).
+#: thread's thread count, and of their ``*_dense`` forms, by shape and axis
+#: (:func:`_plan`).
 _plans: dict = {}
 _PLANS_MAX = 256
 
@@ -2340,8 +2341,9 @@ def infer_dense(x, axis, mean, var, w, b, eps, relu, y, aligned=True) -> None:
     ``y.flags.aligned``), as ``numbn.functional``'s direct path has checked
     them (:func:`~numbn._layout.contiguous_view` serves ``x``). Planned by
     shape and axis, which fix a C-contiguous array's strides: no ``(outer, C,
-    inner)`` view made and no strides read, each a microsecond or two of a
-    call that runs with cold caches (:func:`_dense_plan`)."""
+    inner)`` view made and no strides read, each up to a microsecond of a
+    call that runs with cold caches (``numbn.functional._direct_channels``
+    has the figures)."""
     key = ("infer dense", x.shape, axis, x.dtype, aligned, _threads())
     plan = _plans.get(key)
     if plan is None:
