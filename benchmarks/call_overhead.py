@@ -6,7 +6,9 @@ Run ``python benchmarks/call_overhead.py [--rounds N] [--shape 2,64,4,4]``. The
 calls are those ``numbn bench`` times (forward is the training forward), and
 ``batch_norm_forward`` ("fwd+stats": the training forward that also returns
 mean and invstd for the backward); "-wb": eval, ``batch_norm_forward`` and
-the backward without weight and bias, as a layer with ``affine=False`` calls them.
+the backward without weight and bias, as a layer with ``affine=False`` calls them;
+"layer": a ``numbn.BatchNorm``'s eval forward, and its training step (forward,
+then backward).
 
 Why both: in a network, each BatchNorm call runs just after a layer that has
 streamed megabytes through the caches, so the Python and dispatch code of the
@@ -48,6 +50,9 @@ def main(argv=None):
     calls["numbn eval -wb"] = lambda: numbn.batch_norm(x, rm, rv)
     calls["numbn fwd+st -wb"] = lambda: numbn.batch_norm_forward(x)
     calls["numbn bwd -wb"] = lambda: numbn.batch_norm_backward(dy, x, mean, invstd)
+    layer_eval, layer_train = numbn.BatchNorm(shape[1]).eval(), numbn.BatchNorm(shape[1])
+    calls["layer eval"] = lambda: layer_eval(x)
+    calls["layer step"] = lambda: (layer_train(x), layer_train.backward(dy))
     if _bench.has_torch():
         calls.update({f"torch {k}": f for k, f in _bench._torch_calls(x, 1, rng).items()})
     else:
