@@ -374,7 +374,7 @@ class BatchNorm:
                               self.eps, axis, self.backend, self.activation,
                               channels=self.num_features)
             if y is not None:
-                self._save_running(x, axis % x.ndim)
+                self._save_running(x, axis % x.ndim, direct=True)
             return y
         return self._direct_train_step(x, axis)
 
@@ -417,16 +417,18 @@ class BatchNorm:
         self._after_batch(x, mean, var, n, axis)
         return y
 
-    def _save_running(self, x, axis: int) -> None:
+    def _save_running(self, x, axis: int, direct: bool = False) -> None:
         """What the backward of an eval-mode forward needs: x and the running
         statistics as float64 mean and invstd, copies (a float64 layer's
         running mean changed after the forward does not change the backward).
-        NumPy vectors as the kernels take them go through one compiled call
+        After the direct path (``direct``; the ``"cpu"`` backend), NumPy
+        vectors as the kernels take them go through one compiled call
         (``numbn._cpu.mean_invstd``, the same float64 arithmetic, no warnings):
         its five NumPy operations and their error-state guard took a third of
-        an eval at (2, 64, 4, 4) with the caches cold (10 of 31 us)."""
+        an eval at (2, 64, 4, 4) with the caches cold (10 of 31 us). Other
+        backends keep the NumPy form."""
         rm, rv = self.running_mean, self.running_var
-        if _checks.kernel_ready((rm, rv), self.num_features):
+        if direct and _checks.kernel_ready((rm, rv), self.num_features):
             mean, invstd = np.empty(rm.shape[0]), np.empty(rm.shape[0])
             _cpu_kernels().mean_invstd(rm, rv, float(self.eps), mean, invstd)
         else:
