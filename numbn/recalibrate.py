@@ -89,9 +89,10 @@ def _observer(total: _Total, previous, held: list):
     inner block that raises adds nothing to the outer one."""
 
     def observe(layer, mean, var, count):
+        mean, var = _host64(mean), _host64(var)  # once, for both (a device copy, on CUDA)
         total.add(mean, var, count)
         if previous is not None:
-            held.append((layer, _host64(mean).copy(), _host64(var).copy(), count))
+            held.append((layer, mean.copy(), var.copy(), count))
 
     return observe
 
